@@ -1,0 +1,121 @@
+"""Parameter declarations.
+
+Every parameter of every model is declared once, as a `Param` leaf in a nested dict: its shape,
+its logical axis names and its initializer. Initial values, abstract shapes and shardings are all
+derived from that one declaration tree, so no second tree of shapes or PartitionSpecs is ever
+written by hand.
+"""
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from wan import sharding
+
+Initializer = Callable[[jax.Array, tuple, jnp.dtype], jax.Array]
+
+
+def zeros(key, shape, dtype):
+  del key
+  return jnp.zeros(shape, dtype)
+
+
+def ones(key, shape, dtype):
+  del key
+  return jnp.ones(shape, dtype)
+
+
+def normal(std: float) -> Initializer:
+  def init(key, shape, dtype):
+    return (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+  return init
+
+
+def fan_in_uniform(fan_in_dims: int = 1) -> Initializer:
+  """PyTorch's default for Linear/Conv weights: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+  `fan_in_dims` counts the leading dimensions that feed each output (1 for a (in, out) matrix,
+  4 for a (kt, kh, kw, in, out) conv kernel).
+  """
+  def init(key, shape, dtype):
+    bound = 1.0 / math.sqrt(math.prod(shape[:fan_in_dims]))
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+  return init
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+  """One parameter: shape, one logical axis name (or None) per dimension, initializer.
+
+  `dtype` pins a parameter's storage type (e.g. float32 norm scales); None means the model's
+  weights dtype.
+  """
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  init: Initializer = fan_in_uniform()
+  dtype: jnp.dtype | None = None
+
+  def __post_init__(self):
+    if len(self.shape) != len(self.axes):
+      raise ValueError(f"Param shape {self.shape} and axes {self.axes} differ in rank")
+
+
+def is_param(x) -> bool:
+  return isinstance(x, Param)
+
+
+def _map(fn, decls):
+  return jax.tree.map(fn, decls, is_leaf=is_param)
+
+
+def stack(decls, n: int, axis: str = "layers"):
+  """Declarations for `n` copies of `decls` stacked on a new leading axis (for `lax.scan`)."""
+  def stacked(p: Param) -> Param:
+    def init(key, shape, dtype):
+      return jax.vmap(lambda k: p.init(k, shape[1:], dtype))(jax.random.split(key, shape[0]))
+    return Param((n,) + p.shape, (axis,) + p.axes, init, p.dtype)
+  return _map(stacked, decls)
+
+
+def init(decls, key: jax.Array, dtype=jnp.float32):
+  """Initial parameter values; each leaf gets its own key derived from its path."""
+  leaves, treedef = jax.tree.flatten_with_path(decls, is_leaf=is_param)
+  values = []
+  for path, p in leaves:
+    leaf_key = jax.random.fold_in(key, _path_hash(path))
+    values.append(p.init(leaf_key, p.shape, p.dtype or dtype))
+  return jax.tree.unflatten(treedef, values)
+
+
+def _path_hash(path) -> int:
+  # Stable across runs and Python processes (unlike hash()): adding a parameter elsewhere in the
+  # tree does not change the initial value of this one.
+  text = jax.tree_util.keystr(path)
+  h = 0
+  for ch in text.encode():
+    h = (h * 131 + ch) % (2**31 - 1)
+  return h
+
+
+def abstract(decls, dtype=jnp.float32):
+  """`jax.ShapeDtypeStruct` tree of the parameters (no memory allocated)."""
+  return _map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype or dtype), decls)
+
+
+def partition_specs(decls, mesh: jax.sharding.Mesh | None = None, rules=sharding.RULES):
+  """`PartitionSpec` tree from the logical axes (see `sharding.spec`)."""
+  return _map(lambda p: sharding.spec(p.axes, p.shape, mesh, rules), decls)
+
+
+def shardings(decls, mesh: jax.sharding.Mesh, rules=sharding.RULES):
+  """`NamedSharding` tree for placing parameters (and optimizer state shaped like them)."""
+  return _map(lambda p: jax.NamedSharding(mesh, sharding.spec(p.axes, p.shape, mesh, rules)),
+              decls)
+
+
+def count(decls) -> int:
+  """Number of scalar parameters."""
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(decls, is_leaf=is_param))

@@ -1,0 +1,128 @@
+"""Device mesh and the one logical-axis rule table.
+
+Parameters and activations name their dimensions with logical axes ("embed", "heads", "batch",
+"length", ...). `RULES` maps each logical axis to zero or more mesh axes; everything that places
+an array (parameter shardings, optimizer state, activation constraints) goes through `spec`.
+
+Mesh axes: data (pure data parallel), fsdp (data parallel with parameters and optimizer state
+sharded), context (sequence parallel), tensor (heads / MLP hidden parallel).
+"""
+
+import math
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+
+MESH_AXES = ("data", "fsdp", "context", "tensor")
+
+# logical axis -> mesh axes, in priority order. Parameter axes first, then activation axes.
+RULES = (
+    # parameters
+    ("layers", ()),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("length", ("context",)),
+    ("kv_length", ()),
+    ("act_embed", ()),
+    ("act_heads", ("tensor",)),
+    ("act_mlp", ("tensor",)),
+)
+
+
+def _mesh_axes_for(name, rules):
+  if name is None:
+    return ()
+  for logical, mesh_axes in rules:
+    if logical == name:
+      return tuple(mesh_axes)
+  raise KeyError(f"logical axis {name!r} has no entry in the sharding rule table")
+
+
+def spec(axes, shape=None, mesh=None, rules=RULES) -> jax.P:
+  """PartitionSpec for an array whose dimensions carry the logical names `axes`.
+
+  A mesh axis is used at most once per array (first dimension wins). With `mesh` and `shape`
+  given, mesh axes whose combined size does not divide a dimension are dropped from the end of
+  that dimension's list, so small or odd-sized arrays (biases, norms, tiny test models) stay
+  replicated along them instead of failing to place.
+  """
+  used = set()
+  entries = []
+  for dim, name in enumerate(axes):
+    mesh_axes = [a for a in _mesh_axes_for(name, rules) if a not in used]
+    if mesh is not None:
+      mesh_axes = [a for a in mesh_axes if a in mesh.shape and mesh.shape[a] > 1]
+      if shape is not None:
+        while mesh_axes and shape[dim] % math.prod(mesh.shape[a] for a in mesh_axes):
+          mesh_axes.pop()
+    used.update(mesh_axes)
+    entries.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1
+                   else tuple(mesh_axes))
+  return jax.P(*entries)
+
+
+def constrain(x: jax.Array, axes, rules=RULES) -> jax.Array:
+  """Sharding constraint on an activation by logical axes; a no-op outside a mesh context."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+    return x
+  return jax.lax.with_sharding_constraint(x, spec(axes, x.shape, mesh, rules))
+
+
+def _fill(sizes: dict, total: int, what: str) -> dict:
+  """Replaces the single -1 entry in `sizes` so that the product equals `total`."""
+  free = [k for k, v in sizes.items() if v == -1]
+  if len(free) > 1:
+    raise ValueError(f"at most one {what} parallelism may be -1 (fill); got {free}")
+  fixed = math.prod(v for v in sizes.values() if v != -1)
+  if any(v == 0 or v < -1 for v in sizes.values()):
+    raise ValueError(f"{what} parallelism sizes must be positive or -1; got {sizes}")
+  if free:
+    if total % fixed:
+      raise ValueError(f"{what} parallelism {sizes}: the fixed sizes multiply to {fixed}, which "
+                       f"does not divide {total} devices; change them so their product divides "
+                       f"{total}")
+    sizes = dict(sizes, **{free[0]: total // fixed})
+  if math.prod(sizes.values()) != total:
+    raise ValueError(f"{what} parallelism {sizes} multiplies to {math.prod(sizes.values())} but "
+                     f"there are {total} devices; make the product {total} or set one axis to -1")
+  return sizes
+
+
+def mesh_shape(ici: dict, dcn: dict, num_devices: int, num_slices: int):
+  """Resolves -1 entries: (ici sizes, dcn sizes), each a dict over MESH_AXES."""
+  if num_devices % num_slices:
+    raise ValueError(f"{num_devices} devices do not split into {num_slices} slices/hosts")
+  dcn = _fill(dict(dcn), num_slices, "dcn")
+  ici = _fill(dict(ici), num_devices // num_slices, "ici")
+  return ici, dcn
+
+
+def make_mesh(ici: dict, dcn: dict, devices=None) -> jax.sharding.Mesh:
+  """Mesh over MESH_AXES from ici (within a slice/host) and dcn (across them) sizes.
+
+  `ici` / `dcn`: {"data": n, "fsdp": n, "context": n, "tensor": n}, one entry per axis may be -1.
+  DCN granules are TPU slices when devices report `slice_index`, otherwise processes (hosts).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  by_slice = hasattr(devices[0], "slice_index")
+  granules = {(d.slice_index if by_slice else d.process_index) for d in devices}
+  ici, dcn = mesh_shape(ici, dcn, len(devices), len(granules))
+  ici_shape = [ici[a] for a in MESH_AXES]
+  dcn_shape = [dcn[a] for a in MESH_AXES]
+  if len(granules) > 1:
+    grid = mesh_utils.create_hybrid_device_mesh(
+        ici_shape, dcn_shape, devices, process_is_granule=not by_slice)
+  else:
+    try:
+      grid = mesh_utils.create_device_mesh(ici_shape, devices)
+    except (AssertionError, NotImplementedError, ValueError):
+      # Topology-aware placement is not known for every platform; fall back to device order.
+      grid = np.asarray(devices).reshape(ici_shape)
+  return jax.sharding.Mesh(grid, MESH_AXES,
+                           axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
