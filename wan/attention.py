@@ -30,8 +30,12 @@ def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=N
 
 
 def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segment_ids=None,
-              precision=None):
-  """Attention over (B, S, H, D) tensors with the implementation named by `impl`."""
+              precision=None, block_sizes=None, min_seq_length: int = 0):
+  """Attention over (B, S, H, D) tensors with the implementation named by `impl`.
+
+  `block_sizes` (flash block sizes, None = tuned defaults) and `min_seq_length` (below it the
+  kernels fall back to dot_product) only matter for the Pallas implementations.
+  """
   if impl == "dot_product":
     return dot_product(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                        precision=precision)
