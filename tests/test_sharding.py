@@ -1,0 +1,49 @@
+"""Mesh construction and the logical-axis rule table."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wan import sharding
+
+ONES = dict(data=1, fsdp=1, context=1, tensor=1)
+
+
+def test_fill_axis_takes_remaining_devices():
+  mesh = sharding.make_mesh(dict(ONES, fsdp=-1, tensor=2), ONES)
+  assert dict(mesh.shape) == dict(data=1, fsdp=4, context=1, tensor=2)
+  assert mesh.devices.size == len(jax.devices())
+
+
+@pytest.mark.parametrize("ici, message", [
+    (dict(ONES, fsdp=3), "multiplies to 3 but there are 8 devices"),
+    (dict(ONES, fsdp=-1, tensor=-1), "at most one ici parallelism may be -1"),
+    (dict(ONES, fsdp=-1, tensor=3), "does not divide 8 devices"),
+    (dict(ONES, fsdp=0), "must be positive or -1"),
+])
+def test_bad_parallelism_says_what_to_change(ici, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.make_mesh(ici, ONES)
+
+
+def test_spec_uses_each_mesh_axis_once_and_skips_non_dividing_axes():
+  mesh = sharding.make_mesh(dict(ONES, data=2, fsdp=2, tensor=2), ONES)
+  assert sharding.spec(("batch", "length", "act_embed"), (4, 6, 8), mesh) == \
+      jax.P(("data", "fsdp"), None, None)
+  # 6 is not divisible by data*fsdp = 4: drop fsdp, keep data.
+  assert sharding.spec(("batch",), (6,), mesh) == jax.P("data")
+  # "embed" wants fsdp, but batch already took it.
+  assert sharding.spec(("batch", "embed"), (4, 8), mesh) == jax.P(("data", "fsdp"), None)
+  with pytest.raises(KeyError, match="no entry"):
+    sharding.spec(("nonsense",))
+
+
+def test_constrain_is_noop_without_mesh_and_shards_with_one():
+  x = jnp.arange(8 * 6 * 4, dtype=jnp.float32).reshape(8, 6, 4)
+  np.testing.assert_array_equal(sharding.constrain(x, ("batch", "length", "act_embed")), x)
+  mesh = sharding.make_mesh(dict(ONES, fsdp=4, context=2), ONES)
+  with jax.set_mesh(mesh):
+    y = jax.jit(lambda x: sharding.constrain(x + 1, ("batch", "length", "act_embed")))(x)
+  assert y.sharding.spec == jax.P("fsdp", "context")
+  np.testing.assert_array_equal(y, x + 1)
