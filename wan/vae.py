@@ -1,0 +1,402 @@
+"""The Wan 2.1 / 2.2 video VAE: causal 3D conv encoder and decoder, streamed chunk by chunk.
+
+Both versions are one model chosen by `Config`: Wan 2.1 (z_dim 16, 4x8x8 compression) and Wan 2.2
+(z_dim 48, 4x16x16: a 2x2 patchify in front of an 8x network, residual avg-down / dup-up paths).
+
+Streaming: the encoder sees the first frame alone, then chunks of 4 frames; the decoder sees one
+latent frame at a time. The chunks after the first share one shape and run in a `lax.scan` whose
+carry is the cache of every causal convolution (its last input frames), so activation memory is
+bounded by the chunk, not by the video length.
+
+Arrays are channels-last: video (B, F, H, W, 3) in [-1, 1], latents (B, F', H', W', z_dim) with
+F = 1 + 4 (F' - 1), H = H' * scale_factor_spatial.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+
+from wan import params as params_lib
+from wan import sharding
+from wan import vae_blocks as blocks
+from wan import vae_checkpoint
+
+# Frames per encoder chunk after the first frame; also the temporal compression factor.
+CHUNK_FRAMES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """VAE architecture (field names as in diffusers' config.json) plus runtime settings."""
+  base_dim: int = 96
+  z_dim: int = 16
+  dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+  num_res_blocks: int = 2
+  attn_scales: tuple[float, ...] = ()
+  temperal_downsample: tuple[bool, ...] = (False, True, True)
+  dropout: float = 0.0
+  latents_mean: tuple[float, ...] = ()
+  latents_std: tuple[float, ...] = ()
+  is_residual: bool = False
+  in_channels: int = 3
+  out_channels: int = 3
+  patch_size: int | None = None
+  decoder_base_dim: int | None = None
+  scale_factor_temporal: int = 4
+  scale_factor_spatial: int = 8
+  clip_output: bool = True  # clamp decoded video to [-1, 1], as diffusers always does
+  # runtime
+  dtype: str = "float32"  # compute and parameter dtype
+  precision: str = "highest"  # matmul / conv precision ("default" lets TPUs use bf16 passes)
+
+  @property
+  def patch(self) -> int:
+    return self.patch_size or 1
+
+  @property
+  def video_channels(self) -> int:
+    return self.in_channels // (self.patch * self.patch)
+
+  @classmethod
+  def from_diffusers(cls, config: dict, **runtime) -> "Config":
+    """From a diffusers config.json dict; unknown keys (``_class_name`` ...) are ignored."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
+              if k in fields and v is not None}
+    return cls(**kwargs, **runtime)
+
+
+WAN21_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+              0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
+WAN21_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+             3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
+WAN22_MEAN = (-0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+              -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+              -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+              -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+              -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+              0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667)
+WAN22_STD = (0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+             0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+             0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+             0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+             0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+             0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744)
+
+PRESETS = {
+    "wan2.1": Config(latents_mean=WAN21_MEAN, latents_std=WAN21_STD),
+    "wan2.2": Config(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True,
+                     in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
+                     latents_mean=WAN22_MEAN, latents_std=WAN22_STD),
+    # Tiny models with the real structure, for tests and smoke runs.
+    "tiny2.1": Config(base_dim=4, z_dim=4, dim_mult=(1, 2, 2, 2),
+                      latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4),
+    "tiny2.2": Config(base_dim=4, decoder_base_dim=6, z_dim=6, dim_mult=(1, 2, 2, 2),
+                      num_res_blocks=1, is_residual=True, in_channels=12, out_channels=12,
+                      patch_size=2, scale_factor_spatial=16,
+                      latents_mean=(0.0,) * 6, latents_std=(1.0,) * 6),
+}
+
+
+def validate_config(cfg: Config):
+  """Checks the architecture before anything is built."""
+  stages = len(cfg.dim_mult)
+  if len(cfg.temperal_downsample) != stages - 1:
+    raise ValueError(f"temperal_downsample needs one entry per downsampling stage "
+                     f"({stages - 1} for dim_mult {cfg.dim_mult}); got {cfg.temperal_downsample}")
+  if cfg.attn_scales:
+    raise ValueError(f"attn_scales {cfg.attn_scales} is not supported (the released Wan VAEs "
+                     "use []; diffusers cannot run encoder attention either); set attn_scales=[]")
+  if 2 ** sum(cfg.temperal_downsample) != cfg.scale_factor_temporal:
+    raise ValueError(f"temperal_downsample {cfg.temperal_downsample} compresses time by "
+                     f"{2 ** sum(cfg.temperal_downsample)} but scale_factor_temporal is "
+                     f"{cfg.scale_factor_temporal}")
+  if 2 ** (stages - 1) * cfg.patch != cfg.scale_factor_spatial:
+    raise ValueError(f"{stages - 1} downsampling stages x patch_size {cfg.patch} compress space by "
+                     f"{2 ** (stages - 1) * cfg.patch} but scale_factor_spatial is "
+                     f"{cfg.scale_factor_spatial}")
+  if cfg.in_channels % (cfg.patch * cfg.patch) or cfg.out_channels != cfg.in_channels:
+    raise ValueError(f"in_channels {cfg.in_channels} / out_channels {cfg.out_channels} must be "
+                     f"equal and a multiple of patch_size^2 = {cfg.patch ** 2}")
+  for name in ("latents_mean", "latents_std"):
+    if len(getattr(cfg, name)) not in (0, cfg.z_dim):
+      raise ValueError(f"{name} has {len(getattr(cfg, name))} entries; z_dim is {cfg.z_dim}")
+
+
+# ---------------------------------------------------------------- architecture plan
+
+def _encoder_stages(cfg: Config):
+  """Per encoder stage: (in_dim, out_dim, downsample: None | '2d' | '3d')."""
+  dims = [cfg.base_dim * m for m in (1,) + tuple(cfg.dim_mult)]
+  stages = []
+  for i in range(len(cfg.dim_mult)):
+    down = None
+    if i < len(cfg.dim_mult) - 1:
+      down = "3d" if cfg.temperal_downsample[i] else "2d"
+    stages.append((dims[i], dims[i + 1], down))
+  return stages
+
+
+def _decoder_stages(cfg: Config):
+  """Per decoder stage: (in_dim, out_dim, upsample: None | '2d' | '3d', upsample_out_dim)."""
+  base = cfg.decoder_base_dim or cfg.base_dim
+  mult = tuple(cfg.dim_mult)
+  dims = [base * m for m in (mult[-1],) + mult[::-1]]
+  temperal_upsample = tuple(cfg.temperal_downsample)[::-1]
+  stages = []
+  for i in range(len(mult)):
+    in_dim, out_dim = dims[i], dims[i + 1]
+    # Wan 2.1's upsamplers halve the channels, so the next stage starts from half.
+    if i > 0 and not cfg.is_residual:
+      in_dim //= 2
+    up = None
+    if i < len(mult) - 1:
+      up = "3d" if temperal_upsample[i] else "2d"
+    stages.append((in_dim, out_dim, up, out_dim if cfg.is_residual else out_dim // 2))
+  return stages
+
+
+def declarations(cfg: Config) -> dict:
+  """The parameter declaration tree (see wan/params.py)."""
+  validate_config(cfg)
+  z2 = 2 * cfg.z_dim
+  enc_stages = _encoder_stages(cfg)
+  encoder = {"conv_in": blocks.conv_decl(cfg.in_channels, cfg.base_dim, (3, 3, 3)),
+             "down_blocks": []}
+  for in_dim, out_dim, down in enc_stages:
+    resnets = [blocks.resnet_decl(in_dim if j == 0 else out_dim, out_dim)
+               for j in range(cfg.num_res_blocks)]
+    stage = {"resnets": resnets}
+    if down:
+      stage["downsampler"] = blocks.downsample_decl(out_dim, down == "3d")
+    encoder["down_blocks"].append(stage)
+  top = enc_stages[-1][1]
+  encoder.update(mid_block=blocks.mid_block_decl(top), norm_out=blocks.norm_decl(top),
+                 conv_out=blocks.conv_decl(top, z2, (3, 3, 3)))
+
+  dec_stages = _decoder_stages(cfg)
+  first = dec_stages[0][0]
+  decoder = {"conv_in": blocks.conv_decl(cfg.z_dim, first, (3, 3, 3)),
+             "mid_block": blocks.mid_block_decl(first), "up_blocks": []}
+  for in_dim, out_dim, up, up_out in dec_stages:
+    resnets = [blocks.resnet_decl(in_dim if j == 0 else out_dim, out_dim)
+               for j in range(cfg.num_res_blocks + 1)]
+    stage = {"resnets": resnets}
+    if up:
+      stage["upsampler"] = blocks.upsample_decl(out_dim, up_out, up == "3d")
+    decoder["up_blocks"].append(stage)
+  last = dec_stages[-1][1]
+  decoder.update(norm_out=blocks.norm_decl(last),
+                 conv_out=blocks.conv_decl(last, cfg.out_channels, (3, 3, 3)))
+  return {"encoder": encoder, "decoder": decoder,
+          "quant_conv": blocks.conv_decl(z2, z2, (1, 1, 1)),
+          "post_quant_conv": blocks.conv_decl(cfg.z_dim, cfg.z_dim, (1, 1, 1))}
+
+
+def init(cfg: Config, key: jax.Array) -> dict:
+  return params_lib.init(declarations(cfg), key, jnp.dtype(cfg.dtype))
+
+
+def abstract(cfg: Config) -> dict:
+  return params_lib.abstract(declarations(cfg), jnp.dtype(cfg.dtype))
+
+
+# ---------------------------------------------------------------- one chunk
+
+def encoder_chunk(p, cfg: Config, x, cache):
+  """Encoder over one chunk (B, T, H, W, Cin) -> ((B, T', h, w, 2 z_dim), cache).
+
+  `cache=None` on the first chunk (one frame); the returned cache has the same structure and
+  shapes for every later chunk of CHUNK_FRAMES frames.
+  """
+  prec, sub = cfg.precision, blocks._sub
+  new = {"down_blocks": []}
+  x, new["conv_in"] = blocks.causal_conv(p["conv_in"], x, sub(cache, "conv_in"), prec)
+  for i, (sp, (_, out_dim, down)) in enumerate(zip(p["down_blocks"], _encoder_stages(cfg))):
+    stage_in, stage_cache = x, {"resnets": []}
+    for j, rp in enumerate(sp["resnets"]):
+      x, c = blocks.resnet(rp, x, sub(cache, "down_blocks", i, "resnets", j), prec)
+      stage_cache["resnets"].append(c)
+    if down:
+      x, stage_cache["downsampler"] = blocks.downsample(
+          sp["downsampler"], x, sub(cache, "down_blocks", i, "downsampler"), prec)
+    if cfg.is_residual:
+      x = x + blocks.avg_down(stage_in, out_dim, 2 if down == "3d" else 1, 2 if down else 1)
+    new["down_blocks"].append(stage_cache)
+  x, new["mid_block"] = blocks.mid_block(p["mid_block"], x, sub(cache, "mid_block"), prec)
+  x = jax.nn.silu(blocks.rms_norm(p["norm_out"], x))
+  x, new["conv_out"] = blocks.causal_conv(p["conv_out"], x, sub(cache, "conv_out"), prec)
+  return x, new
+
+
+def decoder_chunk(p, cfg: Config, z, cache):
+  """Decoder over one latent frame (B, 1, h, w, z_dim) -> ((B, T, H, W, Cout), cache).
+
+  T is 1 on the first chunk (`cache=None`) and scale_factor_temporal afterwards.
+  """
+  prec, sub = cfg.precision, blocks._sub
+  first = cache is None
+  new = {"up_blocks": []}
+  x, new["conv_in"] = blocks.causal_conv(p["conv_in"], z, sub(cache, "conv_in"), prec)
+  x, new["mid_block"] = blocks.mid_block(p["mid_block"], x, sub(cache, "mid_block"), prec)
+  for i, (sp, (_, out_dim, up, _)) in enumerate(zip(p["up_blocks"], _decoder_stages(cfg))):
+    stage_in, stage_cache = x, {"resnets": []}
+    for j, rp in enumerate(sp["resnets"]):
+      x, c = blocks.resnet(rp, x, sub(cache, "up_blocks", i, "resnets", j), prec)
+      stage_cache["resnets"].append(c)
+    if up:
+      x, stage_cache["upsampler"] = blocks.upsample(
+          sp["upsampler"], x, sub(cache, "up_blocks", i, "upsampler"), prec)
+      if cfg.is_residual:
+        x = x + blocks.dup_up(stage_in, out_dim, 2 if up == "3d" else 1, 2, first)
+    new["up_blocks"].append(stage_cache)
+  x = jax.nn.silu(blocks.rms_norm(p["norm_out"], x))
+  x, new["conv_out"] = blocks.causal_conv(p["conv_out"], x, sub(cache, "conv_out"), prec)
+  return x, new
+
+
+def _stream(chunk_fn, first, rest):
+  """Runs `chunk_fn(x, cache) -> (y, cache)` on `first` (cache None), then scans it over the
+  leading axis of `rest` (N, B, T, ...); returns the outputs joined along time (B, F, ...)."""
+  y0, cache = chunk_fn(first, None)
+  if rest.shape[0] == 0:
+    return y0
+
+  def step(cache, x):
+    y, cache = chunk_fn(x, cache)
+    return cache, y
+
+  _, ys = jax.lax.scan(step, cache, rest)
+  ys = jnp.moveaxis(ys, 0, 1)  # (B, N, T, ...)
+  ys = ys.reshape((ys.shape[0], -1) + ys.shape[3:])
+  return jnp.concatenate([y0, ys], axis=1)
+
+
+def _cast(params, cfg):
+  return jax.tree.map(lambda a: a.astype(cfg.dtype), params)
+
+
+# ---------------------------------------------------------------- public API
+
+def _check_video(cfg: Config, video):
+  if video.ndim != 5:
+    raise ValueError(f"video must be (B, F, H, W, C) channels-last; got shape {video.shape}")
+  _, f, h, w, c = video.shape
+  if c != cfg.video_channels:
+    raise ValueError(f"video has {c} channels but this VAE takes {cfg.video_channels} "
+                     f"(channels-last: (B, F, H, W, {cfg.video_channels}))")
+  t = cfg.scale_factor_temporal
+  if f < 1 or (f - 1) % t:
+    raise ValueError(f"video has {f} frames; the VAE needs 1 + {t}k frames: use "
+                     f"{1 + (f - 1) // t * t} or {1 + (max(f - 1, 0) // t + 1) * t}")
+  s = cfg.scale_factor_spatial
+  if h % s or w % s:
+    raise ValueError(f"video size {h}x{w} is not divisible by the spatial factor {s}; crop or "
+                     f"resize to {h // s * s}x{w // s * s} or {-(-h // s) * s}x{-(-w // s) * s}")
+
+
+def _check_latents(cfg: Config, latents):
+  if latents.ndim != 5 or latents.shape[-1] != cfg.z_dim:
+    raise ValueError(f"latents must be (B, F, H, W, {cfg.z_dim}) channels-last; got shape "
+                     f"{latents.shape}")
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def encode(params, cfg: Config, video):
+  """Posterior mean (not normalised) of a video.
+
+  video: (B, F, H, W, C) in [-1, 1] with F = 1 + 4k, H and W multiples of scale_factor_spatial.
+  Returns latents (B, 1 + k, H / s, W / s, z_dim).
+  """
+  _check_video(cfg, video)
+  p = _cast(params, cfg)
+  x = blocks.patchify(video.astype(cfg.dtype), cfg.patch)
+  x = sharding.constrain(x, ("batch", None, None, None, None))
+  b, f = x.shape[:2]
+  rest = x[:, 1:].reshape((b, (f - 1) // CHUNK_FRAMES, CHUNK_FRAMES) + x.shape[2:])
+  rest = jnp.moveaxis(rest, 1, 0)
+  h = _stream(lambda c, cache: encoder_chunk(p["encoder"], cfg, c, cache), x[:, :1], rest)
+  h = blocks.conv3d(p["quant_conv"], h, cfg.precision)
+  return h[..., :cfg.z_dim]
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def decode(params, cfg: Config, latents):
+  """Video from (not normalised) latents.
+
+  latents: (B, F', h, w, z_dim). Returns video (B, 1 + 4 (F' - 1), h s, w s, C), clamped to
+  [-1, 1] when cfg.clip_output.
+  """
+  _check_latents(cfg, latents)
+  p = _cast(params, cfg)
+  z = blocks.conv3d(p["post_quant_conv"], latents.astype(cfg.dtype), cfg.precision)
+  z = sharding.constrain(z, ("batch", None, None, None, None))
+  rest = jnp.moveaxis(z[:, 1:, None], 1, 0)  # (F' - 1, B, 1, h, w, z)
+  out = _stream(lambda c, cache: decoder_chunk(p["decoder"], cfg, c, cache), z[:, :1], rest)
+  out = blocks.unpatchify(out, cfg.patch)
+  return jnp.clip(out, -1.0, 1.0) if cfg.clip_output else out
+
+
+def _stats(cfg: Config, dtype):
+  if not cfg.latents_mean or not cfg.latents_std:
+    raise ValueError("this Config has no latents_mean / latents_std; set them (diffusers' "
+                     "config.json has both) to normalise latents")
+  return jnp.asarray(cfg.latents_mean, dtype), jnp.asarray(cfg.latents_std, dtype)
+
+
+def normalize(cfg: Config, latents):
+  """(latents - mean) / std per channel, as diffusers' Wan pipelines prepare latents.
+
+  latents: (..., z_dim)."""
+  mean, std = _stats(cfg, latents.dtype)
+  return (latents - mean) / std
+
+
+def denormalize(cfg: Config, latents):
+  """Inverse of `normalize`: latents * std + mean (what the pipelines do before decoding)."""
+  mean, std = _stats(cfg, latents.dtype)
+  return latents * std + mean
+
+
+# ---------------------------------------------------------------- placement
+
+def replicate_vae(params, mesh: jax.sharding.Mesh):
+  """Places VAE parameters on `mesh` by their declared logical axes (all None: replicated; the
+  VAE is small next to its activations, which are split over the batch instead)."""
+  replicated = jax.tree.map(lambda a: jax.NamedSharding(mesh, jax.P()), params)
+  return jax.device_put(params, replicated)
+
+
+def shard_batch(x, mesh: jax.sharding.Mesh):
+  """Places a video or latent batch (B, ...) split over the mesh's batch axes (data, fsdp)."""
+  spec = sharding.spec(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+  return jax.device_put(x, jax.NamedSharding(mesh, spec))
+
+
+# ---------------------------------------------------------------- loading
+
+def load(path: str, dtype: str = "float32"):
+  """(cfg, params) from a diffusers directory (config.json + diffusion_pytorch_model.safetensors,
+  or a model root with a vae/ subdirectory) or an original Wan-AI 2.1 VAE .safetensors file."""
+  if os.path.isdir(path):
+    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(
+        os.path.join(path, "vae")):
+      path = os.path.join(path, "vae")
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+      raise FileNotFoundError(f"{path} has no config.json (nor a vae/ subdirectory with one)")
+    with open(config_path) as f:
+      cfg = Config.from_diffusers(json.load(f), dtype=dtype)
+    tensors = vae_checkpoint.read_safetensors_dir(path)
+  else:
+    tensors = vae_checkpoint.read_safetensors(path)
+    if not vae_checkpoint.is_original(tensors):
+      raise ValueError(f"{path} is neither a diffusers directory nor an original Wan-AI VAE file "
+                       "(no encoder.conv1.weight); pass the directory holding config.json")
+    cfg = dataclasses.replace(vae_checkpoint.original_config(tensors, PRESETS), dtype=dtype)
+  params = vae_checkpoint.convert(tensors, declarations(cfg), cfg, jnp.dtype(cfg.dtype))
+  return cfg, params
