@@ -167,3 +167,59 @@ def test_sharded_encode_equals_unsharded():
   out = vae.encode(vae.replicate_vae(params, mesh), cfg, vae.shard_batch(video, mesh))
   assert not out.sharding.is_fully_replicated
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def released_keys():
+  with open(os.path.join(GOLDEN_DIR, "vae_keys.json")) as f:
+    return json.load(f)
+
+
+@pytest.mark.parametrize("preset", ["wan2.1", "wan2.2"])
+def test_released_presets_match_diffusers_tensors(preset, released_keys):
+  """Every tensor of the released diffusers checkpoints, by name and PyTorch shape."""
+  cfg = vae.PRESETS[preset]
+  decls = vae.declarations(cfg)
+  ours = {}
+  for path, p in vae_checkpoint._paths(decls):
+    torch_shape = released_keys[preset].get(vae_checkpoint.checkpoint_name(path, cfg), [])
+    ours[vae_checkpoint.checkpoint_name(path, cfg)] = list(
+        vae_checkpoint._torch_shape(p.shape, len(torch_shape)))
+  assert ours == released_keys[preset]
+
+
+def test_released_wan21_original_names(released_keys):
+  cfg = vae.PRESETS["wan2.1"]
+  diffusers_to_original = released_keys["wan2.1_original"]
+  for path, _ in vae_checkpoint._paths(vae.declarations(cfg)):
+    diffusers_name = vae_checkpoint.checkpoint_name(path, cfg)
+    assert vae_checkpoint.checkpoint_name(path, cfg, original=True) == (
+        diffusers_to_original[diffusers_name])
+
+
+def test_released_wan22_original_names():
+  # Names as they appear in Wan-AI's Wan2.2_VAE.pth (grouped per stage, unlike Wan 2.1).
+  cfg = vae.PRESETS["wan2.2"]
+  names = set(vae_checkpoint.names(vae.declarations(cfg), cfg, original=True).values())
+  for name in ("encoder.downsamples.0.downsamples.0.residual.2.weight",
+               "encoder.downsamples.1.downsamples.0.shortcut.weight",
+               "encoder.downsamples.0.downsamples.2.resample.1.weight",
+               "encoder.downsamples.1.downsamples.2.time_conv.weight",
+               "decoder.upsamples.0.upsamples.3.time_conv.weight",
+               "decoder.middle.1.to_qkv.weight", "encoder.head.2.weight", "conv1.weight"):
+    assert name in names
+
+
+def test_load_original_wan21_file(tmp_path):
+  """An original-layout (Wan-AI) file of the tiny 2.1 model loads to the same parameters."""
+  src = _golden_dir("wan21")
+  with open(os.path.join(src, "original_names.json")) as f:
+    to_original = json.load(f)
+  tensors = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+  path = str(tmp_path / "Wan2.1_VAE.safetensors")
+  save_file({to_original[k]: v for k, v in tensors.items()}, path)
+  cfg, ref = vae.load(src)
+  with pytest.raises(ValueError, match="pass its Config"):
+    vae.load(path)
+  _, params = vae.load(path, config=cfg)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, ref))

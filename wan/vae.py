@@ -48,7 +48,9 @@ class Config:
   decoder_base_dim: int | None = None
   scale_factor_temporal: int = 4
   scale_factor_spatial: int = 8
-  clip_output: bool = True  # clamp decoded video to [-1, 1], as diffusers always does
+  # Clamp decoded video to [-1, 1]. diffusers 0.42 always clamps and ignores this key; the
+  # released Wan 2.2 config.json sets it false, which we honour (values outside [-1, 1] only).
+  clip_output: bool = True
   # runtime
   dtype: str = "float32"  # compute and parameter dtype
   precision: str = "highest"  # matmul / conv precision ("default" lets TPUs use bf16 passes)
@@ -67,6 +69,12 @@ class Config:
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()
               if k in fields and v is not None}
+    # Older config.json files omit the scale factors; they follow from the architecture.
+    stages = len(kwargs.get("dim_mult", cls.dim_mult))
+    kwargs.setdefault("scale_factor_spatial",
+                      2 ** (stages - 1) * (kwargs.get("patch_size") or 1))
+    kwargs.setdefault("scale_factor_temporal",
+                      2 ** sum(kwargs.get("temperal_downsample", cls.temperal_downsample)))
     return cls(**kwargs, **runtime)
 
 
@@ -91,7 +99,7 @@ PRESETS = {
     "wan2.1": Config(latents_mean=WAN21_MEAN, latents_std=WAN21_STD),
     "wan2.2": Config(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True,
                      in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16,
-                     latents_mean=WAN22_MEAN, latents_std=WAN22_STD),
+                     latents_mean=WAN22_MEAN, latents_std=WAN22_STD, clip_output=False),
     # Tiny models with the real structure, for tests and smoke runs.
     "tiny2.1": Config(base_dim=4, z_dim=4, dim_mult=(1, 2, 2, 2),
                       latents_mean=(0.0,) * 4, latents_std=(1.0,) * 4),
@@ -379,9 +387,11 @@ def shard_batch(x, mesh: jax.sharding.Mesh):
 
 # ---------------------------------------------------------------- loading
 
-def load(path: str, dtype: str = "float32"):
+def load(path: str, dtype: str = "float32", config: Config | None = None):
   """(cfg, params) from a diffusers directory (config.json + diffusion_pytorch_model.safetensors,
-  or a model root with a vae/ subdirectory) or an original Wan-AI 2.1 VAE .safetensors file."""
+  or a model root with a vae/ subdirectory) or an original Wan-AI VAE .safetensors file
+  (Wan2.1_VAE / Wan2.2_VAE converted from .pth; its config is the released one unless `config`
+  is given)."""
   if os.path.isdir(path):
     if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(
         os.path.join(path, "vae")):
@@ -397,6 +407,7 @@ def load(path: str, dtype: str = "float32"):
     if not vae_checkpoint.is_original(tensors):
       raise ValueError(f"{path} is neither a diffusers directory nor an original Wan-AI VAE file "
                        "(no encoder.conv1.weight); pass the directory holding config.json")
-    cfg = dataclasses.replace(vae_checkpoint.original_config(tensors, PRESETS), dtype=dtype)
+    cfg = config or vae_checkpoint.original_config(tensors, PRESETS)
+    cfg = dataclasses.replace(cfg, dtype=dtype)
   params = vae_checkpoint.convert(tensors, declarations(cfg), cfg, jnp.dtype(cfg.dtype))
   return cfg, params

@@ -123,11 +123,11 @@ def is_original(tensors: dict) -> bool:
 def original_config(tensors: dict, presets: dict):
   """The released config matching an original Wan-AI checkpoint (by its latent width)."""
   z2 = tensors["conv1.weight"].shape[0] if "conv1.weight" in tensors else None
-  for preset in presets.values():
-    if z2 == 2 * preset.z_dim and preset.base_dim in (96, 160):
-      return preset
+  by_width = {2 * presets[name].z_dim: presets[name] for name in ("wan2.1", "wan2.2")}
+  if z2 in by_width:
+    return by_width[z2]
   raise ValueError(f"original Wan VAE checkpoint with quant conv width {z2} matches no released "
-                   "config (16 latent channels for Wan 2.1, 48 for Wan 2.2)")
+                   "config (16 latent channels for Wan 2.1, 48 for Wan 2.2); pass its Config to load()")
 
 
 def _torch_shape(shape: tuple, torch_rank: int) -> tuple:

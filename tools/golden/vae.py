@@ -9,15 +9,25 @@ into tests/golden/vae_<kind>/, together with `golden.npz`:
     latents    (1, z, 3, h, w)   float16 random latents (decoder input)
     decoded    (1, 3, 9, H, W)   float32 `decode(latents)`, clamped to [-1, 1] as diffusers does
 
+Also tests/golden/vae_keys.json: the tensor names and PyTorch shapes of the released Wan 2.1 and
+Wan 2.2 configurations (built on the meta device, no weights), and the original Wan-AI names of
+the Wan 2.1 tensors, checked by mapping them back with diffusers' own
+`convert_wan_vae_to_diffusers`; vae_wan21/original_names.json applies the same naming to the tiny
+model.
+
 Nine frames (1 + 4k, k = 2) so that the first-frame pass and two cached 4-frame chunks both run;
 spatial sizes are multiples of the compression factor but not powers of two.
 """
 
 import os
 
+import json
+import re
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
 KINDS = {
     # Wan 2.1 layout: plain down/up blocks, 8x spatial. (diffusers cannot run a non-empty
@@ -85,6 +95,65 @@ def make_kind(out_dir: str, kind: str, seed: int):
         f"(std {float(decoded.std()):.3f}, {clamped:.1%} clamped)")
 
 
+# Released configurations (diffusers' defaults are Wan 2.1's).
+RELEASED = {
+    "wan2.1": {},
+    "wan2.2": dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12,
+                   out_channels=12, patch_size=2, scale_factor_spatial=16,
+                   latents_mean=[0.0] * 48, latents_std=[1.0] * 48),
+}
+
+_RESIDUAL = {"norm1": "residual.0", "conv1": "residual.2", "norm2": "residual.3",
+             "conv2": "residual.6", "conv_shortcut": "shortcut"}
+
+
+def _original_wan21_name(name: str, num_res_blocks: int) -> str:
+  """Wan-AI's name for a diffusers Wan 2.1 tensor; verified below by diffusers' converter."""
+  for ours, theirs in _RESIDUAL.items():
+    name = name.replace(f".{ours}.", f".{theirs}.")
+  name = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"middle.{2 * int(m.group(1))}", name)
+  name = name.replace("mid_block.attentions.0", "middle.1")
+  name = name.replace("norm_out", "head.0").replace("conv_out", "head.2")
+  name = re.sub(r"^(encoder|decoder)\.conv_in", r"\1.conv1", name)
+  name = re.sub(r"^quant_conv", "conv1", name)
+  name = re.sub(r"^post_quant_conv", "conv2", name)
+  name = name.replace("encoder.down_blocks.", "encoder.downsamples.")
+  per_stage = num_res_blocks + 2  # resnets + upsampler
+  name = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)",
+                lambda m: f"decoder.upsamples.{per_stage * int(m.group(1)) + int(m.group(2))}", name)
+  name = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0",
+                lambda m: f"decoder.upsamples.{per_stage * int(m.group(1)) + per_stage - 1}", name)
+  return name
+
+
+def _original_names(model: AutoencoderKLWan, verify: bool) -> dict:
+  state = model.state_dict()
+  names = {k: _original_wan21_name(k, model.config.num_res_blocks) for k in state}
+  if verify:
+    back = convert_wan_vae_to_diffusers({names[k]: v for k, v in state.items()})
+    assert set(back) == set(state), sorted(set(back) ^ set(state))[:5]
+  return names
+
+
+def make_keys(out_dir: str):
+  keys = {}
+  for name, overrides in RELEASED.items():
+    with torch.device("meta"):
+      model = AutoencoderKLWan(**overrides)
+    keys[name] = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if name == "wan2.1":
+      keys["wan2.1_original"] = _original_names(model, verify=True)
+  with open(os.path.join(out_dir, "vae_keys.json"), "w") as f:
+    json.dump(keys, f, indent=0, sort_keys=True)
+  print("  released tensor names:", {k: len(v) for k, v in keys.items()})
+
+
 def make(out_dir: str):
   for seed, kind in enumerate(KINDS):
     make_kind(out_dir, kind, seed)
+  tiny = AutoencoderKLWan(**KINDS["wan21"]["config"])
+  with open(os.path.join(out_dir, "vae_wan21", "original_names.json"), "w") as f:
+    # diffusers' converter hard-codes the released block indices of decoder shortcuts, so it can
+    # only check this rule on the released layout (make_keys); the tiny model reuses the rule.
+    json.dump(_original_names(tiny, verify=False), f, indent=0, sort_keys=True)
+  make_keys(out_dir)
