@@ -1,0 +1,47 @@
+"""Rematerialisation (gradient checkpointing) policies, built in one place from the config name.
+
+The transformer tags intermediates with `jax.ad_checkpoint.checkpoint_name`; CUSTOM saves or
+offloads exactly the named ones and recomputes the rest.
+"""
+
+import jax
+
+POLICIES = ("NONE", "FULL", "MATMUL_WITHOUT_BATCH", "OFFLOAD_MATMUL_WITHOUT_BATCH", "CUSTOM")
+NAMES = ("attn_output", "query_proj", "key_proj", "value_proj", "xq_out", "xk_out",
+         "ffn_activation")
+
+
+def check_names(names):
+  unknown = sorted(set(names) - set(NAMES))
+  if unknown:
+    raise ValueError(f"unknown checkpoint names {unknown}; choose from {list(NAMES)}")
+
+
+def policy(name: str, saved=(), offloaded=()):
+  """The `jax.checkpoint` policy for a config name (None for NONE: no remat at all)."""
+  cp = jax.checkpoint_policies
+  if name == "NONE":
+    return None
+  if name == "FULL":
+    return cp.nothing_saveable
+  if name == "MATMUL_WITHOUT_BATCH":
+    return cp.dots_with_no_batch_dims_saveable
+  if name == "OFFLOAD_MATMUL_WITHOUT_BATCH":
+    return cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host")
+  if name == "CUSTOM":
+    check_names(tuple(saved) + tuple(offloaded))
+    both = sorted(set(saved) & set(offloaded))
+    if both:
+      raise ValueError(f"checkpoint names {both} are both saved and offloaded; pick one")
+    return cp.save_and_offload_only_these_names(
+        names_which_can_be_saved=list(saved), names_which_can_be_offloaded=list(offloaded),
+        offload_src="device", offload_dst="pinned_host")
+  raise ValueError(f"remat_policy={name!r} is not one of {list(POLICIES)}")
+
+
+def apply(fn, cfg):
+  """`fn` wrapped in `jax.checkpoint` with the policy named by cfg.remat_policy."""
+  if cfg.remat_policy == "NONE":
+    return fn
+  return jax.checkpoint(fn, policy=policy(cfg.remat_policy, cfg.names_which_can_be_saved,
+                                          cfg.names_which_can_be_offloaded))

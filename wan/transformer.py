@@ -1,0 +1,457 @@
+"""The Wan diffusion transformer (DiT) as pure functions over a parameter pytree.
+
+One architecture covers Wan 2.1 T2V 1.3B / 14B, Wan 2.1 I2V 14B (CLIP image tokens and added
+key/value projections), Wan 2.2 A14B (two experts of the same shape) and Wan 2.2 TI2V 5B
+(48 latent channels, per-token timesteps); they differ only by `Config`.
+
+Data flow of `forward`:
+  latents (B, F, H, W, C) -> patch embedding -> tokens (B, S, D), S = F/pt * H/ph * W/pw
+  timestep -> sinusoidal embedding -> time MLP -> temb (B, D) and 6-way modulation (B, 6, D)
+  text (B, L, text_dim) -> text MLP -> context (B, L, D); Wan 2.1 I2V prepends image tokens
+  tokens -> num_layers x block(self-attn with 3D RoPE, cross-attn, FFN; adaLN-modulated)
+  -> output head (2-way modulation) -> unpatchify -> (B, F, H, W, C_out)
+
+Checkpoint loading and saving live in `wan/transformer_checkpoint.py`, remat policies in
+`wan/remat.py`; `load`, `save` and `flops` are re-exported here as the public API.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from wan import attention, params, remat, sharding
+from wan.params import Param
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+PRECISIONS = {"DEFAULT": jax.lax.Precision.DEFAULT, "HIGH": jax.lax.Precision.HIGH,
+              "HIGHEST": jax.lax.Precision.HIGHEST}
+ATTENTIONS = ("dot_product", "flash", "cudnn_flash_te", "ring")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Architecture (diffusers' config.json names) plus runtime options the trainer overrides."""
+  patch_size: tuple[int, int, int] = (1, 2, 2)
+  num_attention_heads: int = 40
+  attention_head_dim: int = 128
+  in_channels: int = 16
+  out_channels: int = 16
+  text_dim: int = 4096
+  freq_dim: int = 256
+  ffn_dim: int = 13824
+  num_layers: int = 40
+  cross_attn_norm: bool = True
+  qk_norm: str | None = "rms_norm_across_heads"
+  eps: float = 1e-6
+  image_dim: int | None = None          # CLIP feature size (Wan 2.1 I2V: 1280)
+  added_kv_proj_dim: int | None = None  # key/value projections for image tokens
+  rope_max_seq_len: int = 1024
+  pos_embed_seq_len: int | None = None  # FLF2V: learned position embedding of image tokens
+  # Runtime options.
+  scan_layers: bool = True
+  remat_policy: str = "NONE"
+  names_which_can_be_saved: tuple[str, ...] = ()
+  names_which_can_be_offloaded: tuple[str, ...] = ()
+  weights_dtype: str = "float32"
+  activations_dtype: str = "float32"
+  precision: str = "DEFAULT"
+  attention: str = "dot_product"
+  flash_min_seq_length: int = 0
+  flash_block_sizes: tuple | None = None
+  mask_padding_tokens: bool = False
+  dropout: float = 0.0
+  boundary: float | None = None  # Wan 2.2 A14B: sigma where the high-noise expert hands over
+
+  def __post_init__(self):
+    for name, value, allowed in (("weights_dtype", self.weights_dtype, DTYPES),
+                                 ("activations_dtype", self.activations_dtype, DTYPES),
+                                 ("precision", self.precision, PRECISIONS),
+                                 ("attention", self.attention, ATTENTIONS),
+                                 ("remat_policy", self.remat_policy, remat.POLICIES)):
+      if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {sorted(allowed)}")
+    if self.qk_norm not in (None, "rms_norm_across_heads"):
+      raise ValueError(f"qk_norm={self.qk_norm!r}: only 'rms_norm_across_heads' or None exist")
+    if self.attention_head_dim % 2 or self.attention_head_dim < 6:
+      raise ValueError(f"attention_head_dim={self.attention_head_dim} must be even and >= 6 "
+                       "(3D RoPE splits it over frames, height and width in pairs)")
+    if (self.added_kv_proj_dim is None) != (self.image_dim is None):
+      raise ValueError("image_dim and added_kv_proj_dim come together (Wan 2.1 I2V has both)")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+    remat.check_names(self.names_which_can_be_saved + self.names_which_can_be_offloaded)
+
+  @property
+  def dim(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  @property
+  def patch_volume(self) -> int:
+    return math.prod(self.patch_size)
+
+
+def _real(**kw):
+  return Config(**kw)
+
+
+PRESETS = {
+    "wan2.1-t2v-1.3b": _real(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "wan2.1-t2v-14b": _real(),
+    "wan2.1-i2v-14b": _real(in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
+    "wan2.2-t2v-a14b": _real(boundary=0.875),
+    "wan2.2-i2v-a14b": _real(in_channels=36, boundary=0.9),
+    "wan2.2-ti2v-5b": _real(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
+                            out_channels=48),
+    # Tiny models for CPU tests and the README's one-minute training run.
+    "tiny-t2v": Config(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
+                       ffn_dim=64, num_layers=2),
+    "tiny-i2v": Config(num_attention_heads=2, attention_head_dim=16, in_channels=36, text_dim=32,
+                       freq_dim=32, ffn_dim=64, num_layers=2, image_dim=24, added_kv_proj_dim=32),
+    "tiny-ti2v": Config(num_attention_heads=2, attention_head_dim=16, in_channels=48,
+                        out_channels=48, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+def _linear(n_in, n_out, axes):
+  return {"w": Param((n_in, n_out), axes), "b": Param((n_out,), axes[1:], params.zeros)}
+
+
+def _norm(n, affine=True):
+  return {"scale": Param((n,), (None,), params.ones, jnp.float32),
+          "bias": Param((n,), (None,), params.zeros, jnp.float32)} if affine else {}
+
+
+def _attention_decls(cfg: Config, cross: bool):
+  d = cfg.dim
+  decls = {name: _linear(d, d, ("embed", "heads")) for name in ("q", "k", "v")}
+  decls["o"] = _linear(d, d, ("heads", "embed"))
+  if cfg.qk_norm:
+    decls["norm_q"] = {"scale": Param((d,), (None,), params.ones, jnp.float32)}
+    decls["norm_k"] = {"scale": Param((d,), (None,), params.ones, jnp.float32)}
+  if cross and cfg.added_kv_proj_dim is not None:
+    decls["k_img"] = _linear(cfg.added_kv_proj_dim, d, ("embed", "heads"))
+    decls["v_img"] = _linear(cfg.added_kv_proj_dim, d, ("embed", "heads"))
+    decls["norm_k_img"] = {"scale": Param((d,), (None,), params.ones, jnp.float32)}
+  return decls
+
+
+def _block_decls(cfg: Config):
+  d = cfg.dim
+  decls = {
+      "modulation": Param((6, d), (None, "embed"), params.normal(d**-0.5), jnp.float32),
+      "self_attn": _attention_decls(cfg, cross=False),
+      "cross_attn": _attention_decls(cfg, cross=True),
+      "ffn": {"fc1": _linear(d, cfg.ffn_dim, ("embed", "mlp")),
+              "fc2": _linear(cfg.ffn_dim, d, ("mlp", "embed"))},
+  }
+  if cfg.cross_attn_norm:
+    decls["cross_norm"] = _norm(d)
+  return decls
+
+
+def param_decls(cfg: Config):
+  """The declaration tree of every parameter (see wan/params.py); blocks stacked on "layers"."""
+  d, pt, ph, pw = cfg.dim, *cfg.patch_size
+  decls = {
+      "patch_embed": {
+          "kernel": Param((pt, ph, pw, cfg.in_channels, d), (None, None, None, None, "embed"),
+                          params.fan_in_uniform(4)),
+          "bias": Param((d,), ("embed",), params.zeros)},
+      "time_embed": {"fc1": _linear(cfg.freq_dim, d, (None, "embed")),
+                     "fc2": _linear(d, d, ("embed", None))},
+      "time_proj": _linear(d, 6 * d, ("embed", None)),
+      "text_embed": {"fc1": _linear(cfg.text_dim, d, (None, "embed")),
+                     "fc2": _linear(d, d, ("embed", None))},
+      "blocks": params.stack(_block_decls(cfg), cfg.num_layers),
+      "head": {"modulation": Param((2, d), (None, "embed"), params.normal(d**-0.5), jnp.float32),
+               "proj": _linear(d, cfg.out_channels * cfg.patch_volume, ("embed", None))},
+  }
+  if cfg.image_dim is not None:
+    decls["image_embed"] = {
+        "norm1": _norm(cfg.image_dim),
+        "fc1": _linear(cfg.image_dim, cfg.image_dim, (None, "mlp")),
+        "fc2": _linear(cfg.image_dim, d, ("mlp", "embed")),
+        "norm2": _norm(d),
+    }
+    if cfg.pos_embed_seq_len is not None:
+      decls["image_embed"]["pos_embed"] = Param((1, cfg.pos_embed_seq_len, cfg.image_dim),
+                                                (None, None, None), params.zeros, jnp.float32)
+  return decls
+
+
+def init(cfg: Config, key: jax.Array):
+  """Randomly initialised parameters (weights in cfg.weights_dtype)."""
+  return params.init(param_decls(cfg), key, DTYPES[cfg.weights_dtype])
+
+
+def abstract(cfg: Config):
+  """ShapeDtypeStruct tree of the parameters."""
+  return params.abstract(param_decls(cfg), DTYPES[cfg.weights_dtype])
+
+
+def partition_specs(cfg: Config, mesh=None):
+  return params.partition_specs(param_decls(cfg), mesh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers
+
+
+def _dense(p, x, cfg: Config):
+  """x (..., n_in) @ w (n_in, n_out) + b, in the activation dtype."""
+  dtype = DTYPES[cfg.activations_dtype]
+  y = jnp.einsum("...i,io->...o", x.astype(dtype), p["w"].astype(dtype),
+                 precision=PRECISIONS[cfg.precision])
+  return y + p["b"].astype(dtype)
+
+
+def _layer_norm(x, eps, scale=None, bias=None):
+  """LayerNorm in float32 (as the reference's FP32LayerNorm); returns float32."""
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps)
+  if scale is not None:
+    y = y * scale + bias
+  return y
+
+
+def _rms_norm(x, p, eps):
+  """RMS norm over the last axis (all heads together), float32 inside."""
+  scale = p["scale"]
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+  return (y * scale).astype(x.dtype)
+
+
+def _dropout(x, rate, key):
+  if rate == 0.0 or key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def timestep_embedding(t, dim: int, max_period: float = 10000.0):
+  """Sinusoidal embedding, cosine half first. t: (...,) -> (..., dim) float32."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  angles = t.astype(jnp.float32)[..., None] * freqs
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+def rope_tables(cfg: Config, grid: tuple[int, int, int]):
+  """3D RoPE cos/sin per token and rotation pair: (S, head_dim // 2) each, float32.
+
+  The head dim is split into frame / height / width parts (h = w = 2 * (head_dim // 6), the rest
+  for frames); each part rotates its pairs by position * theta^(-2i/part). Computed in float64
+  with NumPy (static shapes), like the reference.
+  """
+  head_dim = cfg.attention_head_dim
+  hw_dim = 2 * (head_dim // 6)
+  parts = (head_dim - 2 * hw_dim, hw_dim, hw_dim)
+  angles = []
+  for axis, (n, part) in enumerate(zip(grid, parts)):
+    inv = 1.0 / (10000.0 ** (np.arange(0, part, 2, dtype=np.float64) / part))
+    a = np.outer(np.arange(n, dtype=np.float64), inv)  # (n, part/2)
+    shape = [1, 1, 1, part // 2]
+    shape[axis] = n
+    angles.append(np.broadcast_to(a.reshape(shape), (*grid, part // 2)))
+  angles = np.concatenate(angles, axis=-1).reshape(-1, head_dim // 2)
+  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates consecutive pairs (x[2i], x[2i+1]). x: (B, S, H, Dh); cos, sin: (S, Dh/2)."""
+  x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
+  cos, sin = cos[:, None, :], sin[:, None, :]
+  out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+  return out.reshape(x.shape).astype(x.dtype)
+
+
+def _heads(x, cfg: Config):
+  """(B, S, D) -> (B, S, H, Dh), sharded over heads."""
+  x = x.reshape(*x.shape[:-1], cfg.num_attention_heads, cfg.attention_head_dim)
+  return sharding.constrain(x, ("batch", "length", "act_heads", None))
+
+
+def _attend(q, k, v, cfg: Config, kv_segment_ids=None):
+  q_segment_ids = None
+  if kv_segment_ids is not None:
+    q_segment_ids = jnp.ones(q.shape[:2], kv_segment_ids.dtype)
+  return attention.attention(
+      q, k, v, impl=cfg.attention, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+      precision=PRECISIONS[cfg.precision], block_sizes=cfg.flash_block_sizes,
+      min_seq_length=cfg.flash_min_seq_length)
+
+
+def self_attention(p, x, rope, cfg: Config):
+  """x: (B, S, D) -> (B, S, D); RMS-normed q/k (across heads), 3D RoPE."""
+  q = checkpoint_name(_dense(p["q"], x, cfg), "query_proj")
+  k = checkpoint_name(_dense(p["k"], x, cfg), "key_proj")
+  v = checkpoint_name(_dense(p["v"], x, cfg), "value_proj")
+  if cfg.qk_norm:
+    q, k = _rms_norm(q, p["norm_q"], cfg.eps), _rms_norm(k, p["norm_k"], cfg.eps)
+  q = checkpoint_name(apply_rope(_heads(q, cfg), *rope), "xq_out")
+  k = checkpoint_name(apply_rope(_heads(k, cfg), *rope), "xk_out")
+  out = _attend(q, k, _heads(v, cfg), cfg)
+  out = checkpoint_name(out.reshape(x.shape), "attn_output")
+  return _dense(p["o"], out, cfg)
+
+
+def cross_attention(p, x, context, cfg: Config, text_segment_ids=None, image_context=None):
+  """x: (B, S, D) attends to text context (B, L, D) and, for Wan 2.1 I2V, image tokens."""
+  q = _dense(p["q"], x, cfg)
+  k, v = _dense(p["k"], context, cfg), _dense(p["v"], context, cfg)
+  if cfg.qk_norm:
+    q, k = _rms_norm(q, p["norm_q"], cfg.eps), _rms_norm(k, p["norm_k"], cfg.eps)
+  q = _heads(q, cfg)
+  out = _attend(q, _heads(k, cfg), _heads(v, cfg), cfg, kv_segment_ids=text_segment_ids)
+  if image_context is not None:
+    k_img = _rms_norm(_dense(p["k_img"], image_context, cfg), p["norm_k_img"], cfg.eps)
+    v_img = _dense(p["v_img"], image_context, cfg)
+    out = out + _attend(q, _heads(k_img, cfg), _heads(v_img, cfg), cfg)
+  return _dense(p["o"], out.reshape(x.shape), cfg)
+
+
+def block(p, x, ctx, cfg: Config, dropout_key=None):
+  """One transformer block. x: (B, S, D); ctx: dict of per-forward inputs (see `forward`)."""
+  dtype = x.dtype
+  keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+  # (B, 6, D) or per-token (B, S, 6, D), in float32 as the reference.
+  mod = p["modulation"] + ctx["modulation"]
+  shift, scale, gate, c_shift, c_scale, c_gate = (mod[..., i, :] for i in range(6))
+  if shift.ndim == 2:  # one timestep per sample: broadcast over tokens
+    shift, scale, gate, c_shift, c_scale, c_gate = (
+        m[:, None, :] for m in (shift, scale, gate, c_shift, c_scale, c_gate))
+
+  h = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
+  h = _dropout(self_attention(p["self_attn"], h, ctx["rope"], cfg), cfg.dropout, keys[0])
+  x = (x.astype(jnp.float32) + h * gate).astype(dtype)
+
+  h = x
+  if cfg.cross_attn_norm:
+    h = _layer_norm(x, cfg.eps, p["cross_norm"]["scale"], p["cross_norm"]["bias"]).astype(dtype)
+  x = x + cross_attention(p["cross_attn"], h, ctx["context"], cfg, ctx["text_segment_ids"],
+                          ctx["image_context"])
+
+  h = (_layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dtype)
+  h = jax.nn.gelu(_dense(p["ffn"]["fc1"], h, cfg), approximate=True)
+  h = _dropout(checkpoint_name(h, "ffn_activation"), cfg.dropout, keys[1])
+  h = _dense(p["ffn"]["fc2"], h, cfg)
+  x = (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
+  return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+
+def _run_blocks(blocks, x, ctx, cfg: Config, dropout_rng):
+  """All blocks, scanned over the stacked "layers" axis or looped, under the remat policy."""
+  body = remat.apply(lambda p, x, key: block(p, x, ctx, cfg, key), cfg)
+  keys = (None if dropout_rng is None or cfg.dropout == 0.0
+          else jax.random.split(dropout_rng, cfg.num_layers))
+  if cfg.scan_layers:
+    def step(x, layer):
+      p, key = layer
+      return body(p, x, key), None
+    x, _ = jax.lax.scan(step, x, (blocks, keys))
+    return x
+  for i in range(cfg.num_layers):
+    x = body(jax.tree.map(lambda a: a[i], blocks), x, None if keys is None else keys[i])
+  return x
+
+
+def _check_inputs(cfg: Config, latents, timestep, text, image):
+  if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
+    raise ValueError(f"latents must be (B, F, H, W, {cfg.in_channels}) channels-last; got "
+                     f"{latents.shape}")
+  b, f, h, w, _ = latents.shape
+  pt, ph, pw = cfg.patch_size
+  if f % pt or h % ph or w % pw:
+    raise ValueError(f"latent frames/height/width {(f, h, w)} must be multiples of the patch "
+                     f"size {cfg.patch_size}")
+  seq = (f // pt) * (h // ph) * (w // pw)
+  if timestep.shape not in ((b,), (b, seq)):
+    raise ValueError(f"timestep must be (B,)=({b},) or per-token (B, S)=({b}, {seq}); got "
+                     f"{timestep.shape}")
+  if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != cfg.text_dim:
+    raise ValueError(f"text must be (B, L, {cfg.text_dim}); got {text.shape}")
+  if (image is None) != (cfg.image_dim is None):
+    raise ValueError("image embeddings (B, 257, image_dim) are required exactly when the model "
+                     f"has an image embedder (image_dim={cfg.image_dim})")
+  if image is not None and (image.ndim != 3 or image.shape[-1] != cfg.image_dim):
+    raise ValueError(f"image must be (B, N, {cfg.image_dim}); got {image.shape}")
+
+
+def forward(params_, cfg: Config, latents, timestep, text, image=None, *, text_mask=None,
+            dropout_rng=None):
+  """Predicts the flow (noise - data) for noisy latents.
+
+  latents: (B, F, H, W, in_channels) channels-last latent video.
+  timestep: (B,) or per-token (B, S) with S = F/pt * H/ph * W/pw, in [0, 1000].
+  text: (B, L, text_dim) text-encoder states. image: (B, N, image_dim) CLIP states (Wan 2.1 I2V).
+  text_mask: (B, L) bool, True for real tokens; used only when cfg.mask_padding_tokens.
+  dropout_rng: key for dropout (cfg.dropout > 0 during training); None disables dropout.
+  Returns (B, F, H, W, out_channels) in the activation dtype.
+  """
+  _check_inputs(cfg, latents, timestep, text, image)
+  p = params_
+  dtype = DTYPES[cfg.activations_dtype]
+  b, f, h, w, c = latents.shape
+  pt, ph, pw = cfg.patch_size
+  grid = (f // pt, h // ph, w // pw)
+
+  # Patch embedding: non-overlapping (pt, ph, pw) patches, flattened in (pt, ph, pw, C) order.
+  x = latents.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, c)
+  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, math.prod(grid), cfg.patch_volume * c)
+  kernel = p["patch_embed"]["kernel"].reshape(-1, cfg.dim)
+  x = _dense({"w": kernel, "b": p["patch_embed"]["bias"]}, x, cfg)
+  x = sharding.constrain(x, ("batch", "length", "act_embed"))
+
+  # Time: (B,) -> temb (B, D), modulation (B, 6, D); per-token: (B, S, D), (B, S, 6, D).
+  t_freq = timestep_embedding(timestep, cfg.freq_dim)
+  temb = _dense(p["time_embed"]["fc2"], jax.nn.silu(_dense(p["time_embed"]["fc1"], t_freq, cfg)),
+                cfg)
+  modulation = _dense(p["time_proj"], jax.nn.silu(temb), cfg).astype(jnp.float32)
+  modulation = modulation.reshape(*modulation.shape[:-1], 6, cfg.dim)
+
+  context = _dense(p["text_embed"]["fc2"], jax.nn.gelu(
+      _dense(p["text_embed"]["fc1"], text, cfg), approximate=True), cfg)
+  context = sharding.constrain(context, ("batch", "kv_length", "act_embed"))
+  image_context = None
+  if image is not None:
+    ie = p["image_embed"]
+    img = image.astype(jnp.float32)
+    if "pos_embed" in ie:
+      img = img.reshape(-1, 2 * img.shape[1], img.shape[2]) + ie["pos_embed"]
+    img = _layer_norm(img, 1e-5, ie["norm1"]["scale"], ie["norm1"]["bias"])
+    img = _dense(ie["fc2"], jax.nn.gelu(_dense(ie["fc1"], img, cfg), approximate=False), cfg)
+    image_context = _layer_norm(img, 1e-5, ie["norm2"]["scale"], ie["norm2"]["bias"]).astype(dtype)
+
+  text_segment_ids = None
+  if cfg.mask_padding_tokens and text_mask is not None:
+    # Padding tokens get segment 0, which no query carries, so they are never attended.
+    text_segment_ids = text_mask.astype(jnp.int32)
+  ctx = {"modulation": modulation, "rope": rope_tables(cfg, grid), "context": context,
+         "image_context": image_context, "text_segment_ids": text_segment_ids}
+  x = _run_blocks(p["blocks"], x, ctx, cfg, dropout_rng)
+
+  # Output head: 2-way modulation from temb (not the 6-way projection), then unpatchify.
+  mod = p["head"]["modulation"] + temb.astype(jnp.float32)[..., None, :]
+  shift, scale = mod[..., 0, :], mod[..., 1, :]
+  if shift.ndim == 2:
+    shift, scale = shift[:, None, :], scale[:, None, :]
+  x = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
+  x = _dense(p["head"]["proj"], x, cfg)
+  x = x.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
+  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
+  return x.reshape(b, f, h, w, cfg.out_channels)
+
+
+from wan.transformer_checkpoint import load, save  # noqa: E402  (public API re-export)
+from wan.flops import flops  # noqa: E402
