@@ -53,7 +53,11 @@ def load_file(path: str) -> dict[str, np.ndarray]:
 
 
 def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict | None = None):
-  """Writes `tensors` to `path` in the safetensors format (C-contiguous, little-endian)."""
+  """Writes `tensors` to `path` in the safetensors format (C-contiguous, little-endian).
+
+  The file is written under a temporary name and renamed over `path`: readers never see a
+  partial file, and arrays memory-mapped from an earlier file at `path` stay valid.
+  """
   header, offset, arrays = {}, 0, []
   for name in sorted(tensors):
     a = np.ascontiguousarray(tensors[name])
@@ -67,11 +71,17 @@ def save_file(tensors: dict[str, np.ndarray], path: str, metadata: dict | None =
     header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned
-  with open(path, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for a in arrays:
-      f.write(a.tobytes())
+  tmp = f"{path}.tmp-{os.getpid()}"
+  try:
+    with open(tmp, "wb") as f:
+      f.write(struct.pack("<Q", len(blob)))
+      f.write(blob)
+      for a in arrays:
+        f.write(a.tobytes())
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def load_dir(directory: str, stem: str) -> dict[str, np.ndarray]:
