@@ -53,7 +53,7 @@ def main(argv=None):
     args.dtype, args.precision, args.iters = "float32", "highest", 1
 
   cfg = dataclasses.replace(vae.PRESETS[args.preset], dtype=args.dtype, precision=args.precision)
-  params = jax.jit(vae.init, static_argnums=0)(cfg, jax.random.key(0))
+  params = vae.init(cfg, jax.random.key(0))
   video = jax.random.uniform(jax.random.key(1), (args.batch, args.frames, args.height,
                                                  args.width, cfg.video_channels),
                              jnp.float32, -1, 1).astype(cfg.dtype)

@@ -1,5 +1,6 @@
 """Wan VAE: parity with diffusers' AutoencoderKLWan (golden files), streaming, loading, sharding."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -79,7 +80,7 @@ def _scan_bodies(jaxpr):
 
 def test_encode_streams_chunks_with_bounded_memory():
   cfg = vae.PRESETS["tiny2.1"]
-  params = vae.init(cfg, jax.random.key(0))
+  params = vae.abstract(cfg)
   sizes = {}
   for frames in (9, 33):
     video = jax.ShapeDtypeStruct((1, frames, 16, 24, 3), jnp.float32)
@@ -89,7 +90,7 @@ def test_encode_streams_chunks_with_bounded_memory():
     # Each step reads one 4-frame chunk, whatever the video length.
     chunk = scan.invars[-1].aval.shape
     assert chunk == ((frames - 1) // 4, 1, 4, 16, 24, 3)
-    compiled = vae.encode.lower(params, cfg, video).compile()
+    compiled = jax.jit(vae.encode, static_argnums=1).lower(params, cfg, video).compile()
     sizes[frames] = compiled.memory_analysis().temp_size_in_bytes
   # 4x the frames: temporaries grow only by the (small) output and input copies, not 4x.
   print("encode temporaries (bytes) by frame count:", sizes)
@@ -98,7 +99,7 @@ def test_encode_streams_chunks_with_bounded_memory():
 
 def test_decode_streams_one_latent_frame_per_step():
   cfg = vae.PRESETS["tiny2.2"]
-  params = vae.init(cfg, jax.random.key(0))
+  params = vae.abstract(cfg)
   latents = jax.ShapeDtypeStruct((1, 4, 2, 3, cfg.z_dim), jnp.float32)
   jaxpr = jax.make_jaxpr(lambda p, z: vae.decode(p, cfg, z))(params, latents)
   (scan,) = _scan_bodies(jaxpr.jaxpr)
@@ -158,8 +159,7 @@ def test_load_errors_name_the_tensor(tmp_path):
 
 
 def test_sharded_encode_equals_unsharded():
-  cfg = vae.PRESETS["tiny2.1"]
-  params = vae.init(cfg, jax.random.key(1))
+  cfg, params = vae.load(_golden_dir("wan21"))
   video = jax.random.uniform(jax.random.key(2), (2, 5, 16, 24, 3), jnp.float32, -1, 1)
   expected = vae.encode(params, cfg, video)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "context": 1, "tensor": 1},
@@ -223,3 +223,17 @@ def test_load_original_wan21_file(tmp_path):
     vae.load(path)
   _, params = vae.load(path, config=cfg)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, ref))
+
+
+def test_tiled_encode_decode_match_diffusers_tiling():
+  """Spatial tiling (Wan 2.2: tiles cut in patchified pixels) with diffusers' tiles and blends."""
+  path = _golden_dir("wan22")
+  cfg, params = vae.load(path)
+  g = np.load(os.path.join(path, "golden.npz"))
+  tiled = lambda size, stride: dataclasses.replace(
+      cfg, use_tiling=True, tile_sample_min_height=size, tile_sample_min_width=size,
+      tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+  mean = vae.encode(params, tiled(16, 8), _channels_last(g["video"]))
+  assert _rel_err(mean, g["mean_tiled"].transpose(0, 2, 3, 4, 1)) <= 1e-4
+  video = vae.decode(params, tiled(32, 16), _channels_last(g["latents"]))
+  assert _rel_err(video, g["decoded_tiled"].transpose(0, 2, 3, 4, 1)) <= 1e-4

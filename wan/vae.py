@@ -24,6 +24,7 @@ from wan import params as params_lib
 from wan import sharding
 from wan import vae_blocks as blocks
 from wan import vae_checkpoint
+from wan import vae_tiling
 
 # Frames per encoder chunk after the first frame; also the temporal compression factor.
 CHUNK_FRAMES = 4
@@ -54,6 +55,13 @@ class Config:
   # runtime
   dtype: str = "float32"  # compute and parameter dtype
   precision: str = "highest"  # matmul / conv precision ("default" lets TPUs use bf16 passes)
+  # Spatial tiling (diffusers' enable_tiling): sizes in video pixels (patchified pixels for the
+  # encoder's tiles, as in diffusers).
+  use_tiling: bool = False
+  tile_sample_min_height: int = 256
+  tile_sample_min_width: int = 256
+  tile_sample_stride_height: int = 192
+  tile_sample_stride_width: int = 192
 
   @property
   def patch(self) -> int:
@@ -205,7 +213,9 @@ def declarations(cfg: Config) -> dict:
           "post_quant_conv": blocks.conv_decl(cfg.z_dim, cfg.z_dim, (1, 1, 1))}
 
 
+@functools.partial(jax.jit, static_argnames="cfg")
 def init(cfg: Config, key: jax.Array) -> dict:
+  """Random parameters (one compiled program, not one dispatch per leaf)."""
   return params_lib.init(declarations(cfg), key, jnp.dtype(cfg.dtype))
 
 
@@ -291,6 +301,7 @@ def _cast(params, cfg):
 # ---------------------------------------------------------------- public API
 
 def _check_video(cfg: Config, video):
+  validate_config(cfg)
   if video.ndim != 5:
     raise ValueError(f"video must be (B, F, H, W, C) channels-last; got shape {video.shape}")
   _, f, h, w, c = video.shape
@@ -308,45 +319,88 @@ def _check_video(cfg: Config, video):
 
 
 def _check_latents(cfg: Config, latents):
+  validate_config(cfg)
   if latents.ndim != 5 or latents.shape[-1] != cfg.z_dim:
     raise ValueError(f"latents must be (B, F, H, W, {cfg.z_dim}) channels-last; got shape "
                      f"{latents.shape}")
 
 
 @functools.partial(jax.jit, static_argnames="cfg")
+def _encode_moments(params, cfg: Config, x):
+  """Patchified video (B, F, H/p, W/p, Cin) -> quantised moments (B, F', h, w, 2 z_dim)."""
+  p = _cast(params, cfg)
+  x = sharding.constrain(x.astype(cfg.dtype), ("batch", None, None, None, None))
+  b, f = x.shape[:2]
+  rest = x[:, 1:].reshape((b, (f - 1) // CHUNK_FRAMES, CHUNK_FRAMES) + x.shape[2:])
+  rest = jnp.moveaxis(rest, 1, 0)  # (k, B, 4, ...): one scan step per chunk
+  h = _stream(lambda c, cache: encoder_chunk(p["encoder"], cfg, c, cache), x[:, :1], rest)
+  return blocks.conv3d(p["quant_conv"], h, cfg.precision)
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _decode_patches(params, cfg: Config, latents):
+  """Latents (B, F', h, w, z_dim) -> decoder output (B, F, H/p, W/p, Cout), not unpatchified."""
+  p = _cast(params, cfg)
+  z = blocks.conv3d(p["post_quant_conv"], latents.astype(cfg.dtype), cfg.precision)
+  z = sharding.constrain(z, ("batch", None, None, None, None))
+  rest = jnp.moveaxis(z[:, 1:, None], 1, 0)  # (F' - 1, B, 1, h, w, z): one latent frame a step
+  return _stream(lambda c, cache: decoder_chunk(p["decoder"], cfg, c, cache), z[:, :1], rest)
+
+
 def encode(params, cfg: Config, video):
   """Posterior mean (not normalised) of a video.
 
   video: (B, F, H, W, C) in [-1, 1] with F = 1 + 4k, H and W multiples of scale_factor_spatial.
-  Returns latents (B, 1 + k, H / s, W / s, z_dim).
+  Returns latents (B, 1 + k, H / s, W / s, z_dim). With cfg.use_tiling and frames larger than
+  the tile, each tile is a separate compiled call (bounded memory) and the tiles are blended.
   """
   _check_video(cfg, video)
-  p = _cast(params, cfg)
-  x = blocks.patchify(video.astype(cfg.dtype), cfg.patch)
-  x = sharding.constrain(x, ("batch", None, None, None, None))
-  b, f = x.shape[:2]
-  rest = x[:, 1:].reshape((b, (f - 1) // CHUNK_FRAMES, CHUNK_FRAMES) + x.shape[2:])
-  rest = jnp.moveaxis(rest, 1, 0)
-  h = _stream(lambda c, cache: encoder_chunk(p["encoder"], cfg, c, cache), x[:, :1], rest)
-  h = blocks.conv3d(p["quant_conv"], h, cfg.precision)
+  x = blocks.patchify(video, cfg.patch)
+  height, width = x.shape[2:4]
+  tile = (cfg.tile_sample_min_height, cfg.tile_sample_min_width)
+  if cfg.use_tiling and (height > tile[0] or width > tile[1]):
+    # Tiles are cut from the patchified video, in its pixels (as diffusers does).
+    ratio = cfg.scale_factor_spatial // cfg.patch
+    _check_tile_stride(cfg, ratio, "the encoder")
+    stride = (cfg.tile_sample_stride_height, cfg.tile_sample_stride_width)
+    out_stride = (stride[0] // ratio, stride[1] // ratio)
+    blend = (tile[0] // ratio - out_stride[0], tile[1] // ratio - out_stride[1])
+    h = vae_tiling.tiled(lambda t: _encode_moments(params, cfg, t), x, tile, stride,
+                         out_stride, blend, (height // ratio, width // ratio))
+  else:
+    h = _encode_moments(params, cfg, x)
   return h[..., :cfg.z_dim]
 
 
-@functools.partial(jax.jit, static_argnames="cfg")
 def decode(params, cfg: Config, latents):
   """Video from (not normalised) latents.
 
   latents: (B, F', h, w, z_dim). Returns video (B, 1 + 4 (F' - 1), h s, w s, C), clamped to
-  [-1, 1] when cfg.clip_output.
+  [-1, 1] when cfg.clip_output. Tiled like `encode` when cfg.use_tiling.
   """
   _check_latents(cfg, latents)
-  p = _cast(params, cfg)
-  z = blocks.conv3d(p["post_quant_conv"], latents.astype(cfg.dtype), cfg.precision)
-  z = sharding.constrain(z, ("batch", None, None, None, None))
-  rest = jnp.moveaxis(z[:, 1:, None], 1, 0)  # (F' - 1, B, 1, h, w, z)
-  out = _stream(lambda c, cache: decoder_chunk(p["decoder"], cfg, c, cache), z[:, :1], rest)
-  out = blocks.unpatchify(out, cfg.patch)
+  height, width = latents.shape[2:4]
+  s, p = cfg.scale_factor_spatial, cfg.patch
+  tile = (cfg.tile_sample_min_height // s, cfg.tile_sample_min_width // s)
+  if cfg.use_tiling and (height > tile[0] or width > tile[1]):
+    _check_tile_stride(cfg, s, "the decoder")
+    stride = (cfg.tile_sample_stride_height // s, cfg.tile_sample_stride_width // s)
+    out_stride = (cfg.tile_sample_stride_height // p, cfg.tile_sample_stride_width // p)
+    blend = (cfg.tile_sample_min_height // p - out_stride[0],
+             cfg.tile_sample_min_width // p - out_stride[1])
+    out = vae_tiling.tiled(lambda t: _decode_patches(params, cfg, t), latents, tile, stride,
+                           out_stride, blend, (height * s // p, width * s // p))
+  else:
+    out = _decode_patches(params, cfg, latents)
+  out = blocks.unpatchify(out, p)
   return jnp.clip(out, -1.0, 1.0) if cfg.clip_output else out
+
+
+def _check_tile_stride(cfg: Config, minimum: int, what: str):
+  stride = (cfg.tile_sample_stride_height, cfg.tile_sample_stride_width)
+  if min(stride) < minimum:
+    raise ValueError(f"tile strides {stride} are below one latent pixel for {what}; use "
+                     f"tile_sample_stride_height/width of at least {minimum}")
 
 
 def _stats(cfg: Config, dtype):

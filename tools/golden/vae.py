@@ -8,6 +8,7 @@ into tests/golden/vae_<kind>/, together with `golden.npz`:
     mean       (1, z, 3, h, w)   float32 posterior mean of `encode(video)`
     latents    (1, z, 3, h, w)   float16 random latents (decoder input)
     decoded    (1, 3, 9, H, W)   float32 `decode(latents)`, clamped to [-1, 1] as diffusers does
+    mean_tiled, decoded_tiled    (Wan 2.2 only) the same with diffusers' spatial tiling enabled
 
 Also tests/golden/vae_keys.json: the tensor names and PyTorch shapes of the released Wan 2.1 and
 Wan 2.2 configurations (built on the meta device, no weights), and the original Wan-AI names of
@@ -47,6 +48,8 @@ KINDS = {
                     latents_mean=[0.1, -0.4, 0.3, 0.0, -0.2, 0.6],
                     latents_std=[0.9, 1.3, 2.2, 0.6, 1.0, 1.7]),
         size=(48, 48),
+        # diffusers' enable_tiling sizes (min, stride) for a second, tiled encode and decode.
+        tiling=dict(encode=(16, 8), decode=(32, 16)),
     ),
 }
 FRAMES = 9
@@ -83,12 +86,21 @@ def make_kind(out_dir: str, kind: str, seed: int):
   with torch.no_grad():
     mean = model.encode(video).latent_dist.mean
     decoded = model.decode(latents).sample
+    tiled = {}
+    if "tiling" in spec:
+      (enc_min, enc_stride), (dec_min, dec_stride) = spec["tiling"].values()
+      model.enable_tiling(enc_min, enc_min, enc_stride, enc_stride)
+      tiled["mean_tiled"] = model.encode(video).latent_dist.mean.numpy()
+      model.enable_tiling(dec_min, dec_min, dec_stride, dec_stride)
+      tiled["decoded_tiled"] = model.decode(latents).sample.numpy()
+      model.disable_tiling()
 
   path = os.path.join(out_dir, f"vae_{kind}")
   model.to(torch.float16).save_pretrained(path)
   np.savez(os.path.join(path, "golden.npz"),
            video=video.numpy().astype(np.float16), mean=mean.numpy().astype(np.float32),
-           latents=latents.numpy().astype(np.float16), decoded=decoded.numpy().astype(np.float32))
+           latents=latents.numpy().astype(np.float16), decoded=decoded.numpy().astype(np.float32),
+           **tiled)
   clamped = float((decoded.abs() >= 1).float().mean())
   print(f"  {kind}: video {tuple(video.shape)} -> mean {tuple(mean.shape)} "
         f"(std {float(mean.std()):.3f}); decoded {tuple(decoded.shape)} "
