@@ -231,7 +231,7 @@ def encoder_chunk(p, cfg: Config, x, cache):
   `cache=None` on the first chunk (one frame); the returned cache has the same structure and
   shapes for every later chunk of CHUNK_FRAMES frames.
   """
-  prec, sub = cfg.precision, blocks._sub
+  prec, sub = cfg.precision, blocks.cache_at
   new = {"down_blocks": []}
   x, new["conv_in"] = blocks.causal_conv(p["conv_in"], x, sub(cache, "conv_in"), prec)
   for i, (sp, (_, out_dim, down)) in enumerate(zip(p["down_blocks"], _encoder_stages(cfg))):
@@ -256,7 +256,7 @@ def decoder_chunk(p, cfg: Config, z, cache):
 
   T is 1 on the first chunk (`cache=None`) and scale_factor_temporal afterwards.
   """
-  prec, sub = cfg.precision, blocks._sub
+  prec, sub = cfg.precision, blocks.cache_at
   first = cache is None
   new = {"up_blocks": []}
   x, new["conv_in"] = blocks.causal_conv(p["conv_in"], z, sub(cache, "conv_in"), prec)

@@ -72,7 +72,7 @@ def upsample_decl(dim: int, out_dim: int, temporal: bool) -> dict:
 
 # ---------------------------------------------------------------- layers
 
-def _sub(cache, *keys):
+def cache_at(cache, *keys):
   """The cache entry at `keys`, or None on the first chunk."""
   for k in keys:
     if cache is None:
@@ -82,13 +82,16 @@ def _sub(cache, *keys):
 
 
 def conv3d(p, x, precision, stride=(1, 1, 1)):
-  """Convolution valid in time, 'same' zero padding in space. x: (B, T, H, W, Cin)."""
+  """Convolution valid in time, 'same' zero padding in space. x: (B, T, H, W, Cin).
+
+  Accumulates in float32 whatever the compute dtype."""
   kh, kw = p["kernel"].shape[1:3]
   y = jax.lax.conv_general_dilated(
       x, p["kernel"].astype(x.dtype), window_strides=stride,
       padding=[(0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)],
-      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision)
-  return y + p["bias"].astype(y.dtype)
+      dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=precision,
+      preferred_element_type=jnp.float32)
+  return (y + p["bias"].astype(jnp.float32)).astype(x.dtype)
 
 
 def conv2d(p, x, precision, stride=(1, 1), padding="SAME"):
@@ -96,8 +99,9 @@ def conv2d(p, x, precision, stride=(1, 1), padding="SAME"):
   b, t = x.shape[:2]
   y = jax.lax.conv_general_dilated(
       x.reshape((b * t,) + x.shape[2:]), p["kernel"].astype(x.dtype), window_strides=stride,
-      padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision)
-  y = y + p["bias"].astype(y.dtype)
+      padding=padding, dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+      preferred_element_type=jnp.float32)
+  y = (y + p["bias"].astype(jnp.float32)).astype(x.dtype)
   return y.reshape((b, t) + y.shape[1:])
 
 
@@ -131,9 +135,9 @@ def resnet(p, x, cache, precision):
   """
   shortcut = conv3d(p["conv_shortcut"], x, precision) if "conv_shortcut" in p else x
   y = jax.nn.silu(rms_norm(p["norm1"], x))
-  y, cache1 = causal_conv(p["conv1"], y, _sub(cache, "conv1"), precision)
+  y, cache1 = causal_conv(p["conv1"], y, cache_at(cache, "conv1"), precision)
   y = jax.nn.silu(rms_norm(p["norm2"], y))
-  y, cache2 = causal_conv(p["conv2"], y, _sub(cache, "conv2"), precision)
+  y, cache2 = causal_conv(p["conv2"], y, cache_at(cache, "conv2"), precision)
   return y + shortcut, {"conv1": cache1, "conv2": cache2}
 
 
@@ -141,19 +145,20 @@ def attention_block(p, x, precision):
   """Single-head self-attention over the pixels of each frame, with a residual connection."""
   b, t, h, w, c = x.shape
   y = rms_norm(p["norm"], x).reshape(b * t, h * w, c)
-  qkv = jnp.einsum("bsc,cd->bsd", y, p["to_qkv"]["kernel"].astype(y.dtype),
-                   precision=precision) + p["to_qkv"]["bias"].astype(y.dtype)
+  qkv = jnp.einsum("bsc,cd->bsd", y, p["to_qkv"]["kernel"].astype(y.dtype), precision=precision,
+                   preferred_element_type=jnp.float32) + p["to_qkv"]["bias"]
+  qkv = qkv.astype(x.dtype)
   q, k, v = (a[:, :, None, :] for a in jnp.split(qkv, 3, axis=-1))
   y = attention.attention(q, k, v, precision=precision)[:, :, 0, :]
-  y = jnp.einsum("bsc,cd->bsd", y, p["proj"]["kernel"].astype(y.dtype),
-                 precision=precision) + p["proj"]["bias"].astype(y.dtype)
-  return x + y.reshape(b, t, h, w, c)
+  y = jnp.einsum("bsc,cd->bsd", y, p["proj"]["kernel"].astype(y.dtype), precision=precision,
+                 preferred_element_type=jnp.float32) + p["proj"]["bias"]
+  return x + y.reshape(b, t, h, w, c).astype(x.dtype)
 
 
 def mid_block(p, x, cache, precision):
-  x, cache0 = resnet(p["resnets"][0], x, _sub(cache, "resnets", 0), precision)
+  x, cache0 = resnet(p["resnets"][0], x, cache_at(cache, "resnets", 0), precision)
   x = attention_block(p["attentions"][0], x, precision)
-  x, cache1 = resnet(p["resnets"][1], x, _sub(cache, "resnets", 1), precision)
+  x, cache1 = resnet(p["resnets"][1], x, cache_at(cache, "resnets", 1), precision)
   return x, {"resnets": [cache0, cache1]}
 
 
@@ -165,11 +170,10 @@ def downsample(p, x, cache, precision):
              stride=(2, 2), padding="VALID")
   if "time_conv" not in p:
     return y, None
+  last = y[:, -1:]
   if cache is not None:
-    y, last = conv3d(p["time_conv"], jnp.concatenate([cache, y], axis=1), precision,
-                     stride=(2, 1, 1)), y[:, -1:]
-  else:
-    last = y[:, -1:]
+    # [previous last, 4 frames] -> 2 frames; [previous last, 2 frames] -> 1 frame.
+    y = conv3d(p["time_conv"], jnp.concatenate([cache, y], axis=1), precision, stride=(2, 1, 1))
   return y, last
 
 
