@@ -25,6 +25,12 @@ def _peak_bytes():
   return stats.get("peak_bytes_in_use")
 
 
+def _compiled_temp_bytes(fn, *args):
+  """Temporary memory of the compiled program (XLA's estimate; reported on every backend)."""
+  analysis = jax.jit(fn).lower(*args).compile().memory_analysis()
+  return getattr(analysis, "temp_size_in_bytes", None)
+
+
 def _time(fn, iters):
   """(output, seconds of the first call incl. compile, mean seconds of `iters` later calls)."""
   start = time.perf_counter()
@@ -46,6 +52,8 @@ def main(argv=None):
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--precision", default="default")
   parser.add_argument("--iters", type=int, default=3)
+  parser.add_argument("--tile", type=int, default=0,
+                      help="spatial tiling: tiles of this many pixels, stride 3/4 of it")
   parser.add_argument("--smoke", action="store_true", help="tiny2.1, 5 frames of 32x48, fp32")
   args = parser.parse_args(argv)
   if args.smoke:
@@ -53,6 +61,11 @@ def main(argv=None):
     args.dtype, args.precision, args.iters = "float32", "highest", 1
 
   cfg = dataclasses.replace(vae.PRESETS[args.preset], dtype=args.dtype, precision=args.precision)
+  if args.tile:
+    cfg = dataclasses.replace(cfg, use_tiling=True, tile_sample_min_height=args.tile,
+                              tile_sample_min_width=args.tile,
+                              tile_sample_stride_height=args.tile * 3 // 4,
+                              tile_sample_stride_width=args.tile * 3 // 4)
   params = vae.init(cfg, jax.random.key(0))
   video = jax.random.uniform(jax.random.key(1), (args.batch, args.frames, args.height,
                                                  args.width, cfg.video_channels),
@@ -67,6 +80,10 @@ def main(argv=None):
   _, first, step = _time(lambda: vae.decode(params, cfg, latents), args.iters)
   print(f"decode: {frames / step:8.2f} frames/s  ({step * 1e3:.1f} ms/call, first call "
         f"{first:.1f} s incl. compile); peak bytes {_peak_bytes()}")
+  if not cfg.use_tiling:
+    enc = _compiled_temp_bytes(lambda p, v: vae.encode(p, cfg, v), params, video)
+    dec = _compiled_temp_bytes(lambda p, z: vae.decode(p, cfg, z), params, latents)
+    print(f"compiled temporaries: encode {enc} bytes, decode {dec} bytes")
 
 
 if __name__ == "__main__":

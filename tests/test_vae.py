@@ -49,6 +49,16 @@ def test_decode_matches_diffusers(golden):
   assert _rel_err(video, g["decoded"].transpose(0, 2, 3, 4, 1)) <= 1e-4
 
 
+def test_streaming_is_causal():
+  """The latents of the first 1 + 4j frames do not depend on later frames: encoding a prefix of
+  the video gives the prefix of the latents (the chunk cache carries only the past)."""
+  cfg, params = vae.load(_golden_dir("wan21"))
+  video = _channels_last(np.load(os.path.join(_golden_dir("wan21"), "golden.npz"))["video"])
+  full = vae.encode(params, cfg, video)
+  prefix = vae.encode(params, cfg, video[:, :5])
+  np.testing.assert_allclose(prefix, full[:, :2], rtol=1e-5, atol=1e-6)
+
+
 def test_normalize_matches_pipeline_convention():
   with open(os.path.join(_golden_dir("wan22"), "config.json")) as f:
     config = json.load(f)
@@ -164,7 +174,7 @@ def test_sharded_encode_equals_unsharded():
   expected = vae.encode(params, cfg, video)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "context": 1, "tensor": 1},
                             {"data": 1, "fsdp": 1, "context": 1, "tensor": 1})
-  out = vae.encode(vae.replicate_vae(params, mesh), cfg, vae.shard_batch(video, mesh))
+  out = vae.encode(vae.replicate_vae(params, cfg, mesh), cfg, vae.shard_batch(video, mesh))
   assert not out.sharding.is_fully_replicated
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 

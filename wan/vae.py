@@ -426,11 +426,15 @@ def denormalize(cfg: Config, latents):
 
 # ---------------------------------------------------------------- placement
 
-def replicate_vae(params, mesh: jax.sharding.Mesh):
-  """Places VAE parameters on `mesh` by their declared logical axes (all None: replicated; the
-  VAE is small next to its activations, which are split over the batch instead)."""
-  replicated = jax.tree.map(lambda a: jax.NamedSharding(mesh, jax.P()), params)
-  return jax.device_put(params, replicated)
+def shardings(cfg: Config, mesh: jax.sharding.Mesh) -> dict:
+  """NamedSharding tree of the parameters from their declared logical axes (all None: the VAE
+  is small next to its activations, so it is replicated and the batch is split instead)."""
+  return params_lib.shardings(declarations(cfg), mesh)
+
+
+def replicate_vae(params, cfg: Config, mesh: jax.sharding.Mesh):
+  """Places VAE parameters on `mesh` by their declarations (replicated)."""
+  return jax.device_put(params, shardings(cfg, mesh))
 
 
 def shard_batch(x, mesh: jax.sharding.Mesh):
