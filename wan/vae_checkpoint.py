@@ -40,7 +40,13 @@ def read_safetensors(path: str) -> dict:
 
 
 def read_safetensors_dir(path: str) -> dict:
-  files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+  """All tensors of a diffusers model directory: the single file, or its shards; a variant
+  (diffusion_pytorch_model.fp16.safetensors) only when there is nothing else."""
+  files = [os.path.join(path, "diffusion_pytorch_model.safetensors")]
+  if not os.path.exists(files[0]):
+    files = sorted(glob.glob(os.path.join(path, "diffusion_pytorch_model-*-of-*.safetensors")))
+  if not files:
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))[:1]
   if not files:
     raise FileNotFoundError(f"{path} has no .safetensors file (diffusion_pytorch_model.safetensors)")
   tensors = {}
