@@ -191,17 +191,17 @@ def test_released_presets_match_diffusers_tensors(preset, released_keys):
   cfg = vae.PRESETS[preset]
   decls = vae.declarations(cfg)
   ours = {}
-  for path, p in vae_checkpoint._paths(decls):
+  for path, p in vae_checkpoint.param_paths(decls):
     torch_shape = released_keys[preset].get(vae_checkpoint.checkpoint_name(path, cfg), [])
     ours[vae_checkpoint.checkpoint_name(path, cfg)] = list(
-        vae_checkpoint._torch_shape(p.shape, len(torch_shape)))
+        vae_checkpoint.torch_shape(p.shape, len(torch_shape)))
   assert ours == released_keys[preset]
 
 
 def test_released_wan21_original_names(released_keys):
   cfg = vae.PRESETS["wan2.1"]
   diffusers_to_original = released_keys["wan2.1_original"]
-  for path, _ in vae_checkpoint._paths(vae.declarations(cfg)):
+  for path, _ in vae_checkpoint.param_paths(vae.declarations(cfg)):
     diffusers_name = vae_checkpoint.checkpoint_name(path, cfg)
     assert vae_checkpoint.checkpoint_name(path, cfg, original=True) == (
         diffusers_to_original[diffusers_name])

@@ -55,7 +55,7 @@ def read_safetensors_dir(path: str) -> dict:
   return tensors
 
 
-def _paths(decls):
+def param_paths(decls):
   """[(path tuple of str/int, Param)] of the declaration tree."""
   out = []
   for path, p in jax.tree.flatten_with_path(decls, is_leaf=is_param)[0]:
@@ -119,7 +119,7 @@ def _original_rename(name: str) -> str:
 
 def names(decls, cfg, original: bool = False) -> dict:
   """{our path: checkpoint tensor name} for every declared parameter."""
-  return {path: checkpoint_name(path, cfg, original) for path, _ in _paths(decls)}
+  return {path: checkpoint_name(path, cfg, original) for path, _ in param_paths(decls)}
 
 
 def is_original(tensors: dict) -> bool:
@@ -136,7 +136,7 @@ def original_config(tensors: dict, presets: dict):
                    "config (16 latent channels for Wan 2.1, 48 for Wan 2.2); pass its Config to load()")
 
 
-def _torch_shape(shape: tuple, torch_rank: int) -> tuple:
+def torch_shape(shape: tuple, torch_rank: int) -> tuple:
   """The PyTorch shape that converts to our `shape` (for error messages)."""
   if len(shape) == 5:
     return (shape[4], shape[3]) + shape[:3]
@@ -165,17 +165,19 @@ def convert(tensors: dict, decls, cfg, dtype) -> dict:
   original = is_original(tensors)
   leaves, treedef = jax.tree.flatten_with_path(decls, is_leaf=is_param)
   missing, wrong, values, used = [], [], [], set()
-  for (_, p), (path, _) in zip(leaves, _paths(decls)):
+  for (_, p), (path, _) in zip(leaves, param_paths(decls)):
     name = checkpoint_name(path, cfg, original)
     if name not in tensors:
-      missing.append(f"{name} (expected shape {_torch_shape(p.shape, 4)})")
+      # Norm gammas are stored (C, 1, 1, 1) (attention norms (C, 1, 1)); biases are (C,).
+      rank = 1 if path[-1] == "bias" else 4
+      missing.append(f"{name} (expected shape {torch_shape(p.shape, rank)})")
       values.append(None)
       continue
     used.add(name)
     t = tensors[name]
     value = _to_ours(t, len(p.shape))
     if value.shape != p.shape:
-      wrong.append(f"{name}: shape {t.shape}, expected {_torch_shape(p.shape, t.ndim)} "
+      wrong.append(f"{name}: shape {t.shape}, expected {torch_shape(p.shape, t.ndim)} "
                    f"(ours {p.shape})")
     values.append(value)
   extra = sorted(set(tensors) - used)
