@@ -168,15 +168,22 @@ def test_load_errors_name_the_tensor(tmp_path):
     vae.load(str(wrong))
 
 
-def test_sharded_encode_equals_unsharded():
+def test_sharded_encode_and_decode_equal_unsharded():
+  """A batch of 8 split over (data, fsdp) = (2, 4) fake devices, one video per device."""
   cfg, params = vae.load(_golden_dir("wan21"))
-  video = jax.random.uniform(jax.random.key(2), (2, 5, 16, 24, 3), jnp.float32, -1, 1)
+  video = jax.random.uniform(jax.random.key(2), (8, 5, 16, 24, 3), jnp.float32, -1, 1)
   expected = vae.encode(params, cfg, video)
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "context": 1, "tensor": 1},
                             {"data": 1, "fsdp": 1, "context": 1, "tensor": 1})
-  out = vae.encode(vae.replicate_vae(params, cfg, mesh), cfg, vae.shard_batch(video, mesh))
-  assert not out.sharding.is_fully_replicated
+  params = vae.replicate_vae(params, cfg, mesh)
+  out = vae.encode(params, cfg, vae.shard_batch(video, mesh))
+  assert out.sharding.spec[0] == ("data", "fsdp")
+  assert out.addressable_shards[0].data.shape[0] == 1
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+  decoded = vae.decode(params, cfg, out)
+  assert decoded.sharding.spec[0] == ("data", "fsdp")
+  np.testing.assert_allclose(decoded, vae.decode(params, cfg, jax.device_get(out)),
+                             rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
