@@ -109,8 +109,12 @@ PRESETS = {
     # Tiny models for CPU tests and the README's one-minute training run.
     "tiny-t2v": Config(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
                        ffn_dim=64, num_layers=2),
+    "tiny-t2v-a14b": Config(num_attention_heads=2, attention_head_dim=16, text_dim=32,
+                            freq_dim=32, ffn_dim=64, num_layers=2, boundary=0.875),
     "tiny-i2v": Config(num_attention_heads=2, attention_head_dim=16, in_channels=36, text_dim=32,
                        freq_dim=32, ffn_dim=64, num_layers=2, image_dim=24, added_kv_proj_dim=32),
+    "tiny-i2v-a14b": Config(num_attention_heads=2, attention_head_dim=16, in_channels=36,
+                            text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, boundary=0.9),
     "tiny-ti2v": Config(num_attention_heads=2, attention_head_dim=16, in_channels=48,
                         out_channels=48, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2),
 }

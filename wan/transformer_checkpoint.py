@@ -198,6 +198,23 @@ def _read_tensors(directory: str) -> dict:
   return out
 
 
+def _read_config(directory: str, tensors: dict):
+  with open(os.path.join(directory, "config.json")) as f:
+    raw = json.load(f)
+  if "dim" in raw and "num_heads" in raw:
+    return _config_from_original(raw, tensors), 1
+  if "num_attention_heads" in raw:
+    return _config_from_diffusers(raw), 0
+  raise ValueError(f"{directory}/config.json is neither a diffusers WanTransformer3DModel "
+                   "config (num_attention_heads, ...) nor an original Wan config (dim, ...)")
+
+
+def read_config(path: str, expert: str = "high_noise"):
+  """The architecture of a checkpoint without reading its weights (headers only)."""
+  directory = resolve_dir(path, expert)
+  return _read_config(directory, _read_tensors(directory))[0]
+
+
 def load(path: str, dtype=jnp.float32, *, expert: str = "high_noise"):
   """Loads a transformer: (cfg, params) with params as host NumPy arrays in `dtype`.
 
@@ -209,16 +226,8 @@ def load(path: str, dtype=jnp.float32, *, expert: str = "high_noise"):
   tensor is an error that names it.
   """
   directory = resolve_dir(path, expert)
-  with open(os.path.join(directory, "config.json")) as f:
-    raw = json.load(f)
   tensors = _read_tensors(directory)
-  if "dim" in raw and "num_heads" in raw:
-    cfg, layout = _config_from_original(raw, tensors), 1
-  elif "num_attention_heads" in raw:
-    cfg, layout = _config_from_diffusers(raw), 0
-  else:
-    raise ValueError(f"{directory}/config.json is neither a diffusers WanTransformer3DModel "
-                     "config (num_attention_heads, ...) nor an original Wan config (dim, ...)")
+  cfg, layout = _read_config(directory, tensors)
   cfg = dataclasses.replace(cfg, weights_dtype=jnp.dtype(dtype).name)
   return cfg, convert(tensors, cfg, layout, dtype, source=directory)
 

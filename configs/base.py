@@ -1,0 +1,186 @@
+"""Shared defaults of every training config; one field per parameter of MaxDiffusion's
+train_wan.py (docs/config.md maps each seed parameter to its field here).
+
+Model config files (wan21_t2v.py, ...) start from `get_config()` and set the model fields and
+variants; anything can be overridden on the command line: --config.learning_rate=1e-4.
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  # Run.
+  c.run_name = "wan"
+  c.output_dir = "out"  # local path or bucket (gs://...); outputs under {output_dir}/{run_name}/
+
+  # Model. An empty pretrained path trains from a random init of `model_preset`.
+  c.pretrained_model_name_or_path = ""
+  c.transformer_pretrained_model_name_or_path = ""  # overrides the model's transformer/
+  c.model_name = "wan2.1"  # wan2.1 | wan2.2
+  c.model_type = "T2V"  # T2V | I2V
+  c.model_preset = "wan2.1-t2v-14b"  # a wan.transformer.PRESETS name (architecture)
+  c.expert = "high_noise"  # Wan 2.2 A14B: which expert this run trains (high_noise | low_noise)
+  c.boundary = 0.0  # A14B: sigma where the experts hand over (0 = the preset's)
+  c.weights_dtype = "bfloat16"
+  c.activations_dtype = "bfloat16"
+  c.precision = "DEFAULT"  # DEFAULT | HIGH | HIGHEST
+  c.from_pt = True  # weights are PyTorch-format safetensors (the only format read)
+  c.scan_layers = True
+  c.replicate_vae = False
+
+  # Attention.
+  c.attention = "dot_product"  # dot_product | flash | cudnn_flash_te | ring
+  c.split_head_dim = True
+  c.attention_sharding_uniform = True
+  c.mask_padding_tokens = True
+  c.flash_min_seq_length = 4096
+  c.flash_block_sizes = ml_collections.ConfigDict()  # empty = tuned per device
+
+  # Training.
+  c.learning_rate = 1e-5
+  c.scale_lr = False  # multiply the learning rate by the global batch size
+  c.max_train_steps = 1500  # takes priority over num_train_epochs when > 0
+  c.num_train_epochs = 1
+  c.per_device_batch_size = 1.0  # may be fractional; must make a whole global batch
+  c.global_batch_size = 0  # > 0 overrides per_device_batch_size * devices
+  c.warmup_steps_fraction = 0.1
+  c.learning_rate_schedule_steps = -1  # -1 = the number of training steps
+  c.lr_schedule = "constant"  # after warmup: constant | linear | cosine (decay to 0)
+  c.seed = 0
+
+  # Optimizer (AdamW).
+  c.adam_b1 = 0.9
+  c.adam_b2 = 0.999
+  c.adam_eps = 1e-8
+  c.adam_weight_decay = 0.0
+  c.max_grad_norm = 1.0  # global-norm clipping; <= 0 disables it
+  c.save_optimizer = True  # needed for an exact resume
+
+  # Flow matching.
+  c.timestep_sampling = "uniform"  # uniform | logit_normal, then shifted by flow_shift
+  c.logit_mean = 0.0
+  c.logit_std = 1.0
+  c.flow_shift = 5.0  # sigma' = s * sigma / (1 + (s - 1) * sigma); training and generation
+  c.disable_training_weights = False  # False: bell-shaped mid-timestep loss weighting
+  c.caption_dropout = 0.0  # probability of an empty caption (for classifier-free guidance)
+
+  # Gradient checkpointing (remat).
+  c.remat_policy = "NONE"  # NONE | FULL | MATMUL_WITHOUT_BATCH | OFFLOAD_MATMUL_WITHOUT_BATCH | CUSTOM
+  c.names_which_can_be_saved = []
+  c.names_which_can_be_offloaded = []
+  c.dropout = 0.0
+
+  # Data.
+  c.dataset_type = "synthetic"  # synthetic (tfrecord | hf | tf | grain: not implemented yet)
+  c.dataset_name = ""
+  c.train_data_dir = ""
+  c.train_split = "train"
+  c.load_tfrecord_cached = True
+  c.dataset_save_location = ""
+  c.image_column = "image"
+  c.caption_column = "text"
+  c.resolution = 720
+  c.height = 720
+  c.width = 1280
+  c.num_frames = 81
+  c.max_sequence_length = 512
+  c.enable_data_shuffling = True
+  c.synthetic_num_samples = None  # None = infinite
+  c.synthetic_override_height = 0  # 0 = use height
+  c.synthetic_override_width = 0
+  c.synthetic_override_num_frames = 0
+  c.synthetic_override_max_sequence_length = 0
+
+  # Parallelism: mesh axes data, fsdp, context, tensor; -1 fills the remaining devices.
+  c.hardware = "tpu"  # tpu | gpu | cpu
+  c.mesh_axes = ["data", "fsdp", "context", "tensor"]
+  c.dcn_data = 1
+  c.dcn_fsdp = 1
+  c.dcn_context = 1
+  c.dcn_tensor = 1
+  c.ici_data = 1
+  c.ici_fsdp = -1
+  c.ici_context = 1
+  c.ici_tensor = 1
+  # Multi-host: set all three, or leave empty to auto-detect on TPU pods / SLURM / single host.
+  c.coordinator_address = ""
+  c.num_processes = 0
+  c.process_id = -1
+
+  # Checkpointing.
+  c.checkpoint_every = -1  # in samples; -1 disables
+  c.checkpoint_dir = ""  # "" = {output_dir}/{run_name}/checkpoints
+  c.checkpoints_to_keep = 3
+  c.enable_single_replica_ckpt_restoring = False
+
+  # Evaluation (not implemented yet: must stay at these values).
+  c.eval_every = -1
+  c.eval_data_dir = ""
+  c.enable_generate_video_for_eval = False
+  c.timestep_eval = False
+  c.timesteps_list = [125, 250, 375, 500, 625, 750, 875]
+  c.num_eval_samples = 420
+  c.eval_max_number_of_samples_in_bucket = 60
+  c.enable_ssim = False
+
+  # Metrics and logging.
+  c.write_metrics = True
+  c.gcs_metrics = False  # metrics go wherever output_dir is (local or bucket)
+  c.tensorboard_flush_period = 10  # steps
+  c.log_every = 1
+
+  # Profiling.
+  c.enable_profiler = False
+  c.skip_first_n_steps_for_profiler = 5
+  c.profiler_steps = 10
+  c.enable_jax_named_scopes = False
+
+  # Generation (sampling during training is not implemented yet).
+  c.prompt = ""
+  c.negative_prompt = ""
+  c.guidance_scale = 5.0
+  c.num_inference_steps = 50
+  c.fps = 16
+
+  # LoRA (not implemented yet).
+  c.enable_lora = False
+  c.lora_config = ml_collections.ConfigDict(dict(
+      rank=[64], lora_model_name_or_path=[], weight_name=[], adapter_name=[], scale=[1.0],
+      from_pt=[]))
+
+  # Quantization (not implemented yet).
+  c.quantization = ""
+  c.use_qwix_quantization = False
+  c.weight_quantization_calibration_method = "absmax"
+  c.act_quantization_calibration_method = "absmax"
+  c.bwd_quantization_calibration_method = "absmax"
+  c.qwix_module_path = ".*"
+
+  # TFRecord creation (not implemented yet).
+  c.tfrecords_dir = ""
+  c.no_records_per_shard = 0
+  return c
+
+
+def tiny(c):
+  """Turns a config into its CPU-sized variant: tiny model, synthetic data, a few dozen steps."""
+  c.model_preset = "tiny-" + c.model_preset.split("-", 1)[1].split("-")[0] + (
+      "-a14b" if c.model_preset.endswith("a14b") else "")
+  c.weights_dtype = "float32"
+  c.activations_dtype = "float32"
+  c.hardware = "cpu"
+  c.height = 64
+  c.width = 64
+  c.num_frames = 5
+  c.max_sequence_length = 16
+  c.learning_rate = 1e-3
+  c.max_train_steps = 30
+  c.per_device_batch_size = 1.0
+  c.global_batch_size = 2
+  c.ici_fsdp = -1
+  c.flash_min_seq_length = 0
+  c.checkpoint_every = 20
+  c.mask_padding_tokens = True
+  return c

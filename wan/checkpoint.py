@@ -1,0 +1,62 @@
+"""Training checkpoints with orbax: asynchronous, atomic, the last N kept, exact resume.
+
+A checkpoint holds the train state (step, params and, with save_optimizer, the optimizer state)
+and the data iterator's position. Orbax writes each step into a temporary directory and renames
+it when complete, so an interrupted save never replaces or damages an earlier checkpoint; a
+restart finds the newest complete one. The RNG needs no saving: every step's key is derived from
+(seed, step).
+"""
+
+import jax
+import orbax.checkpoint as ocp
+
+from wan import fs
+
+
+class Checkpointer:
+  """Saves and restores `{"step", "params", "opt_state"}` states plus the data position."""
+
+  def __init__(self, directory: str, keep: int, save_optimizer: bool):
+    self._save_optimizer = save_optimizer
+    if not fs.is_remote(directory):
+      fs.makedirs(directory)
+    self._manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=True, create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: dict, data_state: dict):
+    """Starts an asynchronous save of `state` at `step` (returns before the write finishes)."""
+    saved = state if self._save_optimizer else {k: v for k, v in state.items()
+                                                if k != "opt_state"}
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(data_state)))
+
+  def restore(self, step: int, state_like: dict):
+    """(state, data_state) at `step`, placed like `state_like` (arrays or ShapeDtypeStructs with
+    shardings). Without a saved optimizer state, `state_like["opt_state"]` is kept as given."""
+    target = state_like if self._save_optimizer else {k: v for k, v in state_like.items()
+                                                      if k != "opt_state"}
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise ValueError(
+          f"checkpoint at step {step} in {self._manager.directory} does not fit this run's model "
+          f"and optimizer (was it written by a different config, or with save_optimizer="
+          f"{not self._save_optimizer}?): {e}") from e
+    state = dict(restored["state"])
+    if not self._save_optimizer:
+      state["opt_state"] = state_like["opt_state"]
+    return state, dict(restored["data"])
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()

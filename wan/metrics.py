@@ -1,0 +1,97 @@
+"""Per-step metrics: console line with a progress bar and ETA, metrics.jsonl and TensorBoard.
+
+Only process 0 writes. TFLOPS per device = 3 x forward FLOPs (forward + backward, as MaxDiffusion
+counts; remat recomputation not included) / step time / devices; MFU divides that by the device's
+dense bf16 peak where it is known.
+"""
+
+import json
+import time
+
+import jax
+
+from wan import fs
+
+# Dense bfloat16 peak TFLOP/s per device (one chip for TPUs; jax.Device.device_kind prefixes).
+# Sources: Google Cloud TPU system-architecture pages (v4 275, v5e 197, v5p 459, v6e 918,
+# 7x/Ironwood 2307) and NVIDIA H100/H200 SXM datasheets (989.4 dense, without sparsity).
+PEAK_TFLOPS = (
+    ("TPU v4", 275.0), ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0),
+    ("TPU v5", 459.0), ("TPU v6 lite", 918.0), ("TPU v6e", 918.0), ("TPU7x", 2307.0),
+    ("TPU 7x", 2307.0), ("NVIDIA H100", 989.4), ("NVIDIA H200", 989.4),
+)
+
+
+def peak_tflops(device) -> float | None:
+  kind = getattr(device, "device_kind", "")
+  for prefix, peak in PEAK_TFLOPS:
+    if kind.startswith(prefix):
+      return peak
+  return None
+
+
+def _bar(done, total, width=20):
+  filled = int(width * done / max(total, 1))
+  return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def _duration(seconds):
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Writer:
+  """Writes one record per logged step to the console, metrics.jsonl and TensorBoard."""
+
+  def __init__(self, run_dir: str, total_steps: int, write_files: bool = True,
+               flush_every: int = 10):
+    self._total = total_steps
+    self._on = jax.process_index() == 0
+    self._files = self._on and write_files
+    self._flush_every = max(1, flush_every)
+    self._start = time.time()
+    self._jsonl = self._tb = None
+    if self._files:
+      fs.makedirs(run_dir)
+      self._jsonl = fs.open_file(fs.join(run_dir, "metrics.jsonl"), "a")
+      from tensorboard.summary.writer.event_file_writer import EventFileWriter
+      self._tb = EventFileWriter(fs.join(run_dir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict, first_step: int = 0):
+    """`metrics`: name -> Python float (or None, skipped)."""
+    if not self._on:
+      return
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+    done = step - first_step
+    eta = (time.time() - self._start) / max(done, 1) * (self._total - step)
+    parts = [f"step {step}/{self._total} {_bar(step, self._total)}",
+             f"loss {metrics['loss']:.5f}", f"lr {metrics['learning_rate']:.3g}",
+             f"{metrics['step_time']:.3f} s/step"]
+    if "tflops_per_device" in metrics:
+      parts.append(f"{metrics['tflops_per_device']:.2f} TFLOP/s/dev")
+    if "mfu" in metrics:
+      parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    parts.append(f"ETA {_duration(eta)}")
+    print(" | ".join(parts), flush=True)
+    if self._files:
+      self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+      self._add_scalars(step, metrics)
+      if step % self._flush_every == 0:
+        self.flush()
+
+  def _add_scalars(self, step, metrics):
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()])
+    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def flush(self):
+    if self._files:
+      self._jsonl.flush()
+      self._tb.flush()
+
+  def close(self):
+    if self._files:
+      self.flush()
+      self._jsonl.close()
+      self._tb.close()
