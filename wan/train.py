@@ -127,7 +127,7 @@ def make_step(run: Run):
       updates, opt_state = run.tx.update(grads, state["opt_state"], state["params"])
       new_params = optax.apply_updates(state["params"], updates)
     new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
-    stats = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state["step"]), "sigma_mean": sigma.mean()}
     return new, stats
 
