@@ -96,7 +96,7 @@ def get_config():
   # Parallelism: mesh axes data, fsdp, context, tensor; -1 fills the remaining devices.
   c.hardware = "tpu"  # tpu | gpu | cpu
   c.mesh_axes = ["data", "fsdp", "context", "tensor"]
-  c.dcn_data = 1
+  c.dcn_data = -1  # data parallel across slices/hosts (1 on a single host)
   c.dcn_fsdp = 1
   c.dcn_context = 1
   c.dcn_tensor = 1
