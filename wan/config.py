@@ -178,13 +178,15 @@ def _sigma_range(c, model):
   return (model.boundary, 1.0) if c.expert == "high_noise" else (0.0, model.boundary)
 
 
-def plan(c, num_devices: int, num_processes: int = 1) -> Plan:
-  """Validates `c` for `num_devices` devices on `num_processes` hosts; returns the run's Plan."""
+def plan(c, num_devices: int, num_processes: int = 1, num_granules: int | None = None) -> Plan:
+  """Validates `c` for `num_devices` devices on `num_processes` hosts, whose DCN axes span
+  `num_granules` slices or hosts (default: one per host); returns the run's Plan."""
   _check_enums_and_pending(c)
   model = model_config(c)
   axes = sharding.MESH_AXES
   ici, dcn = sharding.mesh_shape({a: c[f"ici_{a}"] for a in axes},
-                                 {a: c[f"dcn_{a}"] for a in axes}, num_devices, num_processes)
+                                 {a: c[f"dcn_{a}"] for a in axes}, num_devices,
+                                 num_granules or num_processes)
   tensor = ici["tensor"] * dcn["tensor"]
   heads = model.num_attention_heads
   if heads % tensor:

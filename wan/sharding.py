@@ -103,21 +103,28 @@ def mesh_shape(ici: dict, dcn: dict, num_devices: int, num_slices: int):
   return ici, dcn
 
 
+def granules(devices) -> tuple[str, int]:
+  """What the DCN axes span: ("slice", n) for multi-slice TPUs, else ("process", n) hosts."""
+  slices = {getattr(d, "slice_index", 0) for d in devices}
+  if len(slices) > 1:
+    return "slice", len(slices)
+  return "process", len({d.process_index for d in devices})
+
+
 def make_mesh(ici: dict, dcn: dict, devices=None) -> jax.sharding.Mesh:
   """Mesh over MESH_AXES from ici (within a slice/host) and dcn (across them) sizes.
 
   `ici` / `dcn`: {"data": n, "fsdp": n, "context": n, "tensor": n}, one entry per axis may be -1.
-  DCN granules are TPU slices when devices report `slice_index`, otherwise processes (hosts).
+  DCN granules are TPU slices when there are several, otherwise processes (hosts).
   """
   devices = list(jax.devices() if devices is None else devices)
-  by_slice = hasattr(devices[0], "slice_index")
-  granules = {(d.slice_index if by_slice else d.process_index) for d in devices}
-  ici, dcn = mesh_shape(ici, dcn, len(devices), len(granules))
+  kind, count = granules(devices)
+  ici, dcn = mesh_shape(ici, dcn, len(devices), count)
   ici_shape = [ici[a] for a in MESH_AXES]
   dcn_shape = [dcn[a] for a in MESH_AXES]
-  if len(granules) > 1:
+  if count > 1:
     grid = mesh_utils.create_hybrid_device_mesh(
-        ici_shape, dcn_shape, devices, process_is_granule=not by_slice)
+        ici_shape, dcn_shape, devices, process_is_granule=kind == "process")
   else:
     try:
       grid = mesh_utils.create_device_mesh(ici_shape, devices)

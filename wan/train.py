@@ -32,7 +32,7 @@ def setup(c, devices=None) -> Run:
   """Validates the config against `devices` (default: all) and builds the run's fixed parts."""
   devices = list(jax.devices() if devices is None else devices)
   num_processes = len({d.process_index for d in devices})
-  plan = config.plan(c, len(devices), num_processes)
+  plan = config.plan(c, len(devices), num_processes, sharding.granules(devices)[1])
   mesh = sharding.make_mesh(plan.ici, plan.dcn, devices)
   tx = optim.make(c, plan)
   decls = transformer.param_decls(plan.model)
