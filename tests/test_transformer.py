@@ -2,6 +2,7 @@
 tools/golden/transformer.py), plus scan/loop, remat, dtype, sharding and FLOPs checks."""
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -73,20 +74,26 @@ def _grads(cfg, p, g):
   return jax.jit(jax.grad(loss))(p)
 
 
-@pytest.mark.parametrize("policy, saved", [
-    ("FULL", ()), ("MATMUL_WITHOUT_BATCH", ()),
-    ("CUSTOM", ("attn_output", "query_proj", "xq_out", "ffn_activation"))])
-def test_remat_policies_give_same_gradients(policy, saved):
+@functools.cache
+def _reference_grads():
   cfg, p, g = _golden("i2v")
-  want = _grads(cfg, p, g)
-  got = _grads(dataclasses.replace(cfg, remat_policy=policy, names_which_can_be_saved=saved), p, g)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)
+  return _grads(cfg, p, g)
 
 
-def test_offload_policies_build_and_bad_names_fail():
+# Offloading to pinned_host works on the CPU backend too (jax 0.10.2), so those run for real.
+@pytest.mark.parametrize("policy, saved, offloaded", [
+    ("FULL", (), ()), ("MATMUL_WITHOUT_BATCH", (), ()), ("OFFLOAD_MATMUL_WITHOUT_BATCH", (), ()),
+    ("CUSTOM", ("attn_output", "query_proj", "xq_out"), ("ffn_activation", "xk_out"))])
+def test_remat_policies_give_same_gradients(policy, saved, offloaded):
+  cfg, p, g = _golden("i2v")
+  got = _grads(dataclasses.replace(cfg, remat_policy=policy, names_which_can_be_saved=saved,
+                                   names_which_can_be_offloaded=offloaded), p, g)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got,
+               _reference_grads())
+
+
+def test_bad_remat_names_fail():
   from wan import remat
-  assert remat.policy("OFFLOAD_MATMUL_WITHOUT_BATCH") is not None
-  assert remat.policy("CUSTOM", saved=("key_proj",), offloaded=("value_proj",)) is not None
   with pytest.raises(ValueError, match="unknown checkpoint names"):
     dataclasses.replace(T.PRESETS["tiny-t2v"], names_which_can_be_saved=("qkv",))
   with pytest.raises(ValueError, match="both saved and offloaded"):
