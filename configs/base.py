@@ -164,6 +164,30 @@ def get_config():
   return c
 
 
+def for_model(variant: str, variants: dict, run_name: str, **fields):
+  """The config of one model family: base defaults, then `fields`, then the variant's own.
+
+  `variants` maps each variant name to a transformer preset, or to (preset, {field: value}); the
+  first is the family's default. "tiny" always exists: the first variant shrunk by `tiny`.
+  """
+  names = list(variants) + ["tiny"]
+  if variant not in names:
+    raise ValueError(f"unknown variant {variant!r}; choose from {names}")
+  c = get_config()
+  c.update(fields)
+  c.run_name = f"{run_name}_{variant}"
+  preset, overrides = _preset(variants[variant if variant != "tiny" else names[0]])
+  c.model_preset = preset
+  if variant == "tiny":
+    return tiny(c)
+  c.update(overrides)
+  return c
+
+
+def _preset(entry):
+  return (entry, {}) if isinstance(entry, str) else entry
+
+
 def tiny(c):
   """Turns a config into its CPU-sized variant: tiny model, synthetic data, a few dozen steps."""
   c.model_preset = "tiny-" + c.model_preset.split("-", 1)[1].split("-")[0] + (

@@ -7,10 +7,5 @@ from configs import base
 
 
 def get_config(variant="14b"):
-  if variant not in ("14b", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}; choose from ['14b', 'tiny']")
-  c = base.get_config()
-  c.run_name = f"wan21_i2v_{variant}"
-  c.model_name, c.model_type = "wan2.1", "I2V"
-  c.model_preset = "wan2.1-i2v-14b"
-  return base.tiny(c) if variant == "tiny" else c
+  return base.for_model(variant, {"14b": "wan2.1-i2v-14b"}, run_name="wan21_i2v",
+                        model_name="wan2.1", model_type="I2V")

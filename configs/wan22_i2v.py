@@ -8,10 +8,5 @@ from configs import base
 
 
 def get_config(variant="a14b"):
-  if variant not in ("a14b", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}; choose from ['a14b', 'tiny']")
-  c = base.get_config()
-  c.run_name = f"wan22_i2v_{variant}"
-  c.model_name, c.model_type = "wan2.2", "I2V"
-  c.model_preset = "wan2.2-i2v-a14b"
-  return base.tiny(c) if variant == "tiny" else c
+  return base.for_model(variant, {"a14b": "wan2.2-i2v-a14b"}, run_name="wan22_i2v",
+                        model_name="wan2.2", model_type="I2V")

@@ -8,11 +8,6 @@ from configs import base
 
 
 def get_config(variant="a14b"):
-  if variant not in ("a14b", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}; choose from ['a14b', 'tiny']")
-  c = base.get_config()
-  c.run_name = f"wan22_t2v_{variant}"
-  c.model_name, c.model_type = "wan2.2", "T2V"
-  c.model_preset = "wan2.2-t2v-a14b"
-  c.flow_shift = 12.0  # Wan 2.2 A14B T2V's sampling shift
-  return base.tiny(c) if variant == "tiny" else c
+  return base.for_model(variant, {"a14b": "wan2.2-t2v-a14b"}, run_name="wan22_t2v",
+                        model_name="wan2.2", model_type="T2V",
+                        flow_shift=12.0)  # Wan 2.2 A14B T2V's sampling shift

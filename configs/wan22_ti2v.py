@@ -9,11 +9,6 @@ from configs import base
 
 
 def get_config(variant="5b"):
-  if variant not in ("5b", "tiny"):
-    raise ValueError(f"unknown variant {variant!r}; choose from ['5b', 'tiny']")
-  c = base.get_config()
-  c.run_name = f"wan22_ti2v_{variant}"
-  c.model_name, c.model_type = "wan2.2", "T2V"
-  c.model_preset = "wan2.2-ti2v-5b"
-  c.height, c.width, c.num_frames = 704, 1280, 121  # 720p at 24 fps, as released
-  return base.tiny(c) if variant == "tiny" else c
+  return base.for_model(
+      variant, {"5b": ("wan2.2-ti2v-5b", dict(height=704, width=1280, num_frames=121))},
+      run_name="wan22_ti2v", model_name="wan2.2", model_type="T2V")  # 720p, 24 fps as released
