@@ -1,0 +1,38 @@
+"""UMT5 tokenizer vs transformers' T5Tokenizer (ids and masks from tools/golden/text.py)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from tests.conftest import GOLDEN_DIR
+from wan import tokenizer as tokenizer_lib
+
+SPM_DIR = os.path.join(GOLDEN_DIR, "spiece_tiny")
+
+
+@pytest.fixture(scope="module")
+def golden():
+  return np.load(os.path.join(GOLDEN_DIR, "spiece_tiny.npz"))
+
+
+@pytest.mark.parametrize("source", ["spiece.model", "tokenizer.json"])
+@pytest.mark.parametrize("max_length", [16, 64])
+def test_ids_and_mask_match_transformers(golden, source, max_length):
+  tok = tokenizer_lib.load(os.path.join(SPM_DIR, source))
+  ids, mask = tok([str(t) for t in golden["texts"]], max_length)
+  assert ids.dtype == np.int32 and mask.dtype == bool
+  np.testing.assert_array_equal(ids, golden[f"ids_{max_length}"])
+  np.testing.assert_array_equal(mask, golden[f"mask_{max_length}"])
+
+
+def test_truncation_keeps_eos_and_padding_uses_pad_id(golden):
+  tok = tokenizer_lib.load(SPM_DIR)
+  ids, mask = tok(["a " * 100, ""], 8)
+  assert mask[0].all() and ids[0, -1] == tok.eos_id
+  assert ids[1, 0] == tok.eos_id and (ids[1, 1:] == tok.pad_id).all() and mask[1].sum() == 1
+
+
+def test_directory_without_tokenizer_files_is_an_error(tmp_path):
+  with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor spiece.model"):
+    tokenizer_lib.load(str(tmp_path))
