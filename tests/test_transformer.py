@@ -76,7 +76,7 @@ def _grads(cfg, p, g):
 
 @functools.cache
 def _reference_grads():
-  cfg, p, g = _golden("i2v")
+  cfg, p, g = _golden("t2v")
   return _grads(cfg, p, g)
 
 
@@ -85,7 +85,7 @@ def _reference_grads():
     ("FULL", (), ()), ("MATMUL_WITHOUT_BATCH", (), ()), ("OFFLOAD_MATMUL_WITHOUT_BATCH", (), ()),
     ("CUSTOM", ("attn_output", "query_proj", "xq_out"), ("ffn_activation", "xk_out"))])
 def test_remat_policies_give_same_gradients(policy, saved, offloaded):
-  cfg, p, g = _golden("i2v")
+  cfg, p, g = _golden("t2v")
   got = _grads(dataclasses.replace(cfg, remat_policy=policy, names_which_can_be_saved=saved,
                                    names_which_can_be_offloaded=offloaded), p, g)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got,
@@ -100,6 +100,19 @@ def test_bad_remat_names_fail():
     remat.policy("CUSTOM", saved=("key_proj",), offloaded=("key_proj",))
   with pytest.raises(ValueError, match="remat_policy='SOME'"):
     dataclasses.replace(T.PRESETS["tiny-t2v"], remat_policy="SOME")
+
+
+def test_config_errors_say_what_to_change():
+  tiny = T.PRESETS["tiny-i2v"]
+  with pytest.raises(ValueError, match="added_kv_proj_dim=48 must equal the model dim"):
+    dataclasses.replace(tiny, added_kv_proj_dim=48)
+  with pytest.raises(ValueError, match="tuple of \\(name, size\\) pairs"):
+    dataclasses.replace(tiny, flash_block_sizes={"block_q": 512})
+  with pytest.raises(ValueError, match="attention_head_dim=15 must be even"):
+    dataclasses.replace(tiny, attention_head_dim=15, added_kv_proj_dim=None, image_dim=None)
+  with pytest.raises(ValueError, match="precision='FAST'"):
+    dataclasses.replace(tiny, precision="FAST")
+  hash(dataclasses.replace(tiny, flash_block_sizes=(("block_q", 512),)))  # a jit static arg
 
 
 def test_dropout_only_with_rate_and_key():
@@ -153,10 +166,9 @@ def test_bad_inputs_say_what_is_wrong():
     ("tiny-t2v", 0, False), ("tiny-i2v", 257, False), ("tiny-ti2v", 0, True)])
 def test_flops_match_xla_cost_analysis(name, image_len, per_token):
   # Big enough that matmuls dominate, as in real models (the count leaves out elementwise work).
+  image = dict(image_dim=128, added_kv_proj_dim=256) if image_len else {}
   cfg = dataclasses.replace(T.PRESETS[name], num_attention_heads=4, attention_head_dim=64,
-                            ffn_dim=1024, text_dim=256, freq_dim=256, scan_layers=False)
-  if image_len:
-    cfg = dataclasses.replace(cfg, image_dim=128, added_kv_proj_dim=cfg.dim)
+                            ffn_dim=1024, text_dim=256, freq_dim=256, scan_layers=False, **image)
   b, f, h, w, text_len = 1, 3, 16, 16, 32
   seq = f * (h // 2) * (w // 2)
   args = [T.abstract(cfg), jax.ShapeDtypeStruct((b, f, h, w, cfg.in_channels), jnp.float32),

@@ -81,6 +81,16 @@ class Config:
                        "(3D RoPE splits it over frames, height and width in pairs)")
     if (self.added_kv_proj_dim is None) != (self.image_dim is None):
       raise ValueError("image_dim and added_kv_proj_dim come together (Wan 2.1 I2V has both)")
+    if self.added_kv_proj_dim is not None and self.added_kv_proj_dim != self.dim:
+      # The image embedder maps CLIP features to `dim`; add_k_proj/add_v_proj read that.
+      raise ValueError(f"added_kv_proj_dim={self.added_kv_proj_dim} must equal the model dim "
+                       f"num_attention_heads * attention_head_dim = {self.dim}")
+    if self.flash_block_sizes is not None and not (
+        isinstance(self.flash_block_sizes, tuple)
+        and all(isinstance(kv, tuple) and len(kv) == 2 for kv in self.flash_block_sizes)):
+      raise ValueError(f"flash_block_sizes={self.flash_block_sizes!r} must be None or a tuple of "
+                       "(name, size) pairs so Config stays hashable; pass "
+                       "tuple(sorted(block_sizes.items())) for a dict")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
     remat.check_names(self.names_which_can_be_saved + self.names_which_can_be_offloaded)
