@@ -1,6 +1,8 @@
 """UMT5 tokenizer vs transformers' T5Tokenizer (ids and masks from tools/golden/text.py)."""
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -36,3 +38,12 @@ def test_truncation_keeps_eos_and_padding_uses_pad_id(golden):
 def test_directory_without_tokenizer_files_is_an_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor spiece.model"):
     tokenizer_lib.load(str(tmp_path))
+
+
+def test_spiece_sentinel_count_follows_tokenizer_config(tmp_path):
+  shutil.copy(os.path.join(SPM_DIR, "spiece.model"), tmp_path / "spiece.model")
+  default = tokenizer_lib.load(str(tmp_path))
+  assert default.backend.get_vocab_size() == 100 + tokenizer_lib.EXTRA_IDS
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 0}))
+  none = tokenizer_lib.load(str(tmp_path))
+  assert none.backend.get_vocab_size() == 100 and none.backend.token_to_id("<extra_id_0>") is None

@@ -10,6 +10,7 @@ are cut to n - 1 pieces plus `</s>` and padded with the pad id to n.
 """
 
 import dataclasses
+import json
 import os
 
 import numpy as np
@@ -50,8 +51,16 @@ class Tokenizer:
 def load(path: str) -> Tokenizer:
   """Tokenizer from a directory holding tokenizer.json or spiece.model, or either file itself.
 
-  tokenizer.json is preferred when both are present (it is what transformers loads then).
+  tokenizer.json is preferred when both are present (it is what transformers loads then). For a
+  spiece.model, the number of sentinels is tokenizer_config.json's extra_ids when the directory
+  has one (as transformers reads it), else T5's 100.
   """
+  extra_ids = EXTRA_IDS
+  config_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path),
+                             "tokenizer_config.json")
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      extra_ids = json.load(f).get("extra_ids", EXTRA_IDS)
   if os.path.isdir(path):
     for name in ("tokenizer.json", "spiece.model"):
       if os.path.exists(os.path.join(path, name)):
@@ -62,7 +71,7 @@ def load(path: str) -> Tokenizer:
   if path.endswith(".json"):
     backend = tokenizers.Tokenizer.from_file(path)
   elif path.endswith(".model"):
-    backend = _from_sentencepiece(path)
+    backend = _from_sentencepiece(path, extra_ids)
   else:
     raise ValueError(f"{path}: expected a tokenizer.json or a sentencepiece .model file")
   ids = {token: backend.token_to_id(token) for token in (PAD, EOS)}
