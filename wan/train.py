@@ -132,7 +132,8 @@ def make_step(run: Run):
     return new, stats
 
   replicated = jax.NamedSharding(run.mesh, jax.P())
-  return jax.jit(step, out_shardings=(run.state_shardings, replicated), donate_argnums=0)
+  return jax.jit(step, in_shardings=(run.state_shardings, data.batch_shardings(run.plan, run.mesh)),
+                 out_shardings=(run.state_shardings, replicated), donate_argnums=0)
 
 
 class _Profiler:

@@ -13,6 +13,10 @@ cond_mask (B, F, H, W, 4); for Wan 2.1 I2V also image (B, 257, image_dim) CLIP s
 
 from wan.data import synthetic
 
+# Every data set produces the same batch layout, so shapes and shardings are defined once.
+batch_shapes = synthetic.batch_shapes
+batch_shardings = synthetic.batch_shardings
+
 
 def make(c, plan, mesh):
   """The data iterator named by c.dataset_type (validated by wan.config.plan)."""
