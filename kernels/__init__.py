@@ -1,0 +1,9 @@
+"""Pallas attention kernels: flash attention (TPU and GPU bodies) and ring attention.
+
+Knows nothing of the Wan model; layout everywhere in the public API is (B, S, H, D).
+"""
+
+from kernels.flash import flash_attention
+from kernels.tuning import BlockSizes, TABLE, block_sizes_for, device_key
+
+__all__ = ["flash_attention", "BlockSizes", "TABLE", "block_sizes_for", "device_key"]

@@ -1,0 +1,151 @@
+"""Flash attention kernels (both bodies, interpret mode) against an independent reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels import tile_math
+from kernels.tuning import TABLE, BlockSizes
+
+HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def reference(q, k, v, q_seg=None, kv_seg=None):
+  """Plain float32 softmax attention, (B, S, H, D), scale 1/sqrt(D)."""
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HIGHEST) * q.shape[-1] ** -0.5
+  if q_seg is not None:
+    s = jnp.where(q_seg[:, None, :, None] == kv_seg[:, None, None, :], s, -1e30)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v, precision=HIGHEST)
+
+
+def numpy_reference(q, k, v):
+  """float64 NumPy attention, the fully independent check of the forward."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def blocks(n):
+  return BlockSizes(n, n, n, n, n, n, n, n)
+
+
+def inputs(sq, skv, d, dtype, heads=2, seed=0):
+  kq, kk, kv, kc = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(kq, (1, sq, heads, d), jnp.float32).astype(dtype)
+  k = jax.random.normal(kk, (1, skv, heads, d), jnp.float32).astype(dtype)
+  v = jax.random.normal(kv, (1, skv, heads, d), jnp.float32).astype(dtype)
+  cot = jax.random.normal(kc, (1, sq, heads, d), jnp.float32)
+  return q, k, v, cot
+
+
+def check(backend, sq, skv, d, dtype, tol, padded, block):
+  q, k, v, cot = inputs(sq, skv, d, dtype)
+  seg = {}
+  if padded:  # padded text: the last keys and the last queries are padding (id 0)
+    seg = dict(q_segment_ids=jnp.ones((1, sq), jnp.int32).at[:, sq - 5:].set(0),
+               kv_segment_ids=jnp.ones((1, skv), jnp.int32).at[:, skv - 37:].set(0))
+  flash = lambda q, k, v: kernels.flash_attention(q, k, v, **seg, block_sizes=blocks(block),
+                                                  backend=backend)
+  ref = lambda q, k, v: reference(q, k, v, seg.get("q_segment_ids"), seg.get("kv_segment_ids"))
+  out, vjp = jax.vjp(flash, q, k, v)
+  ref_out, ref_vjp = jax.vjp(ref, q, k, v)
+  assert out.dtype == q.dtype and out.shape == q.shape
+  assert rel(out.astype(jnp.float32), ref_out) < tol
+  for name, g, g_ref in zip("qkv", vjp(cot.astype(dtype)), ref_vjp(cot)):
+    assert g.dtype == dtype
+    assert rel(g.astype(jnp.float32), g_ref) < tol, name
+
+
+# Lengths off the block grid, cross-attention (Sq != Skv), padding ids, D 64/128, both bodies.
+@pytest.mark.parametrize("backend,sq,skv,d,padded,block", [
+    ("tpu", 300, 200, 64, True, 128),
+    ("tpu", 384, 640, 128, False, 256),
+    ("gpu", 300, 200, 64, True, 128),
+    ("gpu", 200, 456, 128, False, 128),
+])
+def test_flash_float32(backend, sq, skv, d, padded, block):
+  check(backend, sq, skv, d, jnp.float32, 1e-5, padded, block)
+
+
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+def test_flash_bfloat16(backend):
+  check(backend, 256, 320, 128, jnp.bfloat16, 2e-2, True, 128)
+
+
+def test_flash_odd_head_dim_and_numpy_reference():
+  q, k, v, _ = inputs(130, 130, 96, jnp.float32)
+  for backend in ("tpu", "gpu"):  # the GPU body pads D=96 to 128
+    out = kernels.flash_attention(q, k, v, backend=backend, block_sizes=blocks(128))
+    assert rel(out, numpy_reference(q, k, v)) < 1e-5
+
+
+def test_default_blocks_and_dict_override():
+  q, k, v, _ = inputs(200, 200, 64, jnp.float32, heads=1)
+  want = numpy_reference(q, k, v)
+  assert rel(kernels.flash_attention(q, k, v), want) < 1e-5
+  out = kernels.flash_attention(q, k, v, block_sizes={"block_q": 128, "block_kv": 128,
+                                                      "block_kv_compute": 128})
+  assert rel(out, want) < 1e-5
+  with pytest.raises(ValueError, match="unknown block size names"):
+    kernels.flash_attention(q, k, v, block_sizes={"block_x": 128})
+
+
+def test_bad_inputs_raise():
+  q, k, v, _ = inputs(64, 64, 64, jnp.float32)
+  with pytest.raises(ValueError, match="must be \\(B, S, H, D\\)"):
+    kernels.flash_attention(q[0], k[0], v[0])
+  with pytest.raises(ValueError, match="share batch, heads"):
+    kernels.flash_attention(q, k[:, :, :1], v[:, :, :1])
+  with pytest.raises(ValueError, match="given together"):
+    kernels.flash_attention(q, k, v, q_segment_ids=jnp.ones((1, 64), jnp.int32))
+  with pytest.raises(ValueError, match="segment ids must be"):
+    kernels.flash_attention(q, k, v, q_segment_ids=jnp.ones((1, 63), jnp.int32),
+                            kv_segment_ids=jnp.ones((1, 64), jnp.int32))
+  with pytest.raises(ValueError, match="head dim 512"):
+    big = jnp.zeros((1, 8, 1, 512))
+    kernels.flash_attention(big, big, big)
+
+
+def test_merge_of_split_keys_is_whole_softmax():
+  """The ring's lse merge: attention over two key halves merges into attention over all."""
+  q, k, v, _ = inputs(64, 96, 64, jnp.float32, heads=1)
+  def part(k, v):
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=HIGHEST) * 64 ** -0.5
+    lse = jax.nn.logsumexp(s, axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bhqd", jnp.exp(s - lse[..., None]), v, precision=HIGHEST)
+    return o, lse
+  out, _ = tile_math.merge(*part(k[:, :40], v[:, :40]), *part(k[:, 40:], v[:, 40:]))
+  assert rel(jnp.swapaxes(out, 1, 2), numpy_reference(q, k, v)) < 1e-5
+  # An empty partial (every key masked) carries lse = MASK_VALUE and must not change the result.
+  o, lse = part(k, v)
+  empty = (jnp.zeros_like(o), jnp.full_like(lse, tile_math.MASK_VALUE))
+  merged, merged_lse = tile_math.merge(o, lse, *empty)
+  assert np.all(np.isfinite(merged)) and rel(merged, o) < 1e-6 and rel(merged_lse, lse) < 1e-6
+
+
+@pytest.mark.parametrize("key", sorted(TABLE))
+def test_table_entry_lowers_for_its_platform(key):
+  """Every tuning entry goes through the real Mosaic / Triton lowering, forward and backward."""
+  backend = "gpu" if key in ("h100", "h200", "gpu") else "tpu"
+  shape = jax.ShapeDtypeStruct((1, 4096, 2, 128), jnp.bfloat16)
+  seg = jax.ShapeDtypeStruct((1, 4096), jnp.int32)
+  def loss(q, k, v, qs, ks):
+    out = kernels.flash_attention(q, k, v, q_segment_ids=qs, kv_segment_ids=ks,
+                                  block_sizes=TABLE[key], backend=backend, interpret=False)
+    return jnp.sum(out.astype(jnp.float32))
+  grad = jax.grad(loss, argnums=(0, 1, 2))
+  platform = "cuda" if backend == "gpu" else "tpu"
+  text = jax.jit(grad).trace(shape, shape, shape, seg, seg).lower(
+      lowering_platforms=(platform,)).as_text()
+  marker = "triton" if backend == "gpu" else "tpu_custom_call"
+  # forward (saved for the backward), dK/dV and dQ kernels
+  assert text.count(marker) >= 3
