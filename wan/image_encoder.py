@@ -29,9 +29,8 @@ import numpy as np
 from wan import params as params_lib
 from wan import safetensors_io
 from wan import sharding
+from wan.numerics import PRECISIONS
 
-PRECISIONS = {"DEFAULT": jax.lax.Precision.DEFAULT, "HIGH": jax.lax.Precision.HIGH,
-              "HIGHEST": jax.lax.Precision.HIGHEST}
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),

@@ -30,9 +30,8 @@ from wan import params as params_lib
 from wan import safetensors_io
 from wan import sharding
 from wan import tokenizer as tokenizer_lib
+from wan.numerics import PRECISIONS
 
-PRECISIONS = {"DEFAULT": jax.lax.Precision.DEFAULT, "HIGH": jax.lax.Precision.HIGH,
-              "HIGHEST": jax.lax.Precision.HIGHEST}
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),

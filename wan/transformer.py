@@ -24,11 +24,9 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from wan import attention, params, remat, sharding
+from wan.numerics import DTYPES, PRECISIONS
 from wan.params import Param
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-PRECISIONS = {"DEFAULT": jax.lax.Precision.DEFAULT, "HIGH": jax.lax.Precision.HIGH,
-              "HIGHEST": jax.lax.Precision.HIGHEST}
 ATTENTIONS = ("dot_product", "flash", "cudnn_flash_te", "ring")
 
 
