@@ -44,11 +44,12 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:  # JSON/tensorstore errors too
       raise ValueError(
-          f"checkpoint at step {step} in {self._manager.directory} does not fit this run's model "
-          f"and optimizer (was it written by a different config, or with save_optimizer="
-          f"{not self._save_optimizer}?): {e}") from e
+          f"checkpoint at step {step} in {self._manager.directory} cannot be restored: it is "
+          f"damaged or does not fit this run's model and optimizer (written by a different "
+          f"config, or with save_optimizer={not self._save_optimizer}?). Delete that step's "
+          f"directory to resume from an earlier one, or set a new run_name. Cause: {e}") from e
     state = dict(restored["state"])
     if not self._save_optimizer:
       state["opt_state"] = state_like["opt_state"]
