@@ -17,7 +17,9 @@ def _launch(tmp_path, *flags):
 
 
 def test_tiny_run_writes_logs_metrics_and_checkpoints(tmp_path):
-  r = _launch(tmp_path, "--config.max_train_steps=4", "--config.checkpoint_every=4")
+  r = _launch(tmp_path, "--config.max_train_steps=4", "--config.checkpoint_every=4",
+              "--config.enable_profiler=True", "--config.skip_first_n_steps_for_profiler=1",
+              "--config.profiler_steps=2", "--config.enable_jax_named_scopes=True")
   assert r.returncode == 0, r.stderr[-3000:]
   lines = [l for l in r.stdout.splitlines() if l.startswith("step ")]
   assert len(lines) == 4 and "loss" in lines[-1] and "ETA" in lines[-1]
@@ -27,6 +29,8 @@ def test_tiny_run_writes_logs_metrics_and_checkpoints(tmp_path):
   assert {"loss", "learning_rate", "step_time", "tflops_per_device", "grad_norm"} <= set(records[0])
   assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tensorboard"))
+  traces = [f for _, _, files in os.walk(run_dir / "profile") for f in files]
+  assert any(f.endswith(".xplane.pb") for f in traces), traces
 
 
 def test_bad_override_fails_before_any_work(tmp_path):
