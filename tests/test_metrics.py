@@ -1,0 +1,43 @@
+"""Metrics writer: console line with progress and ETA, metrics.jsonl, TensorBoard events; the
+device peak table; local file layer."""
+
+import json
+import os
+import types
+
+from tensorboard.backend.event_processing import event_accumulator
+
+from wan import fs, metrics
+
+
+def test_writer_console_jsonl_and_tensorboard(tmp_path, capsys):
+  w = metrics.Writer(str(tmp_path), total_steps=4, flush_every=1)
+  for step in (1, 2):
+    w.write(step, {"loss": 0.5 / step, "learning_rate": 1e-4, "step_time": 0.25,
+                   "tflops_per_device": 2.0, "mfu": None, "grad_norm": 1.5})
+  w.close()
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[1].startswith("step 2/4 [##########..........]")
+  assert "loss 0.25000" in lines[1] and "ETA" in lines[1] and "MFU" not in lines[1]
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert records[1] == {"step": 2, "loss": 0.25, "learning_rate": 1e-4, "step_time": 0.25,
+                        "tflops_per_device": 2.0, "grad_norm": 1.5}
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  acc.Reload()
+  assert [e.value for e in acc.Scalars("loss")] == [0.5, 0.25]
+
+
+def test_peak_table():
+  assert metrics.peak_tflops(types.SimpleNamespace(device_kind="TPU v5p")) == 459.0
+  assert metrics.peak_tflops(types.SimpleNamespace(device_kind="TPU v5 lite")) == 197.0
+  assert metrics.peak_tflops(types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3")) == 989.4
+  assert metrics.peak_tflops(types.SimpleNamespace(device_kind="cpu")) is None
+
+
+def test_fs_local(tmp_path):
+  path = fs.join(str(tmp_path), "a", "b")
+  fs.makedirs(path)
+  with fs.open_file(fs.join(path, "f.txt"), "w") as f:
+    f.write("x")
+  assert fs.exists(os.path.join(tmp_path, "a", "b", "f.txt"))
+  assert fs.join("gs://bucket/", "run") == "gs://bucket/run" and fs.is_remote("gs://b")
