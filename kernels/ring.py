@@ -1,0 +1,98 @@
+"""Context-parallel attention over a named mesh axis, built from the flash block functions.
+
+Call inside `jax.shard_map` (check_vma=False: the interpreted Pallas kernels do not carry
+varying-axis types) with the sequence dimension of q, k, v sharded over `axis_name`.
+
+strategy="ring": K/V (with their segment ids) travel around the ring with `ppermute`; each hop
+is issued before the block compute so the transfer overlaps it, and the useless last hop is
+skipped. Per-hop partials (out, lse) merge with the lse trick. The backward recomputes each
+block with the global lse, so a hop's (dq, dk, dv) is exactly its share; dK/dV accumulators
+travel with the K/V they belong to and arrive home after n hops.
+
+strategy="all_gather": K/V are gathered over the axis once and one flash call runs locally
+(autodiff turns the gather into a reduce-scatter of dK/dV). Cheaper for short K/V
+(cross-attention) and small rings.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from kernels import tile_math
+from kernels.flash import KernelConfig, _flash, block_bwd, block_fwd, check_inputs, resolve
+
+
+def _ring_perm(n):
+  return [(i, (i + 1) % n) for i in range(n)]
+
+
+def _rotate(x, axis_name, n):
+  return jax.lax.ppermute(x, axis_name, _ring_perm(n))
+
+
+def _ring_fwd_pass(q, k, v, q_seg, kv_seg, cfg, axis_name):
+  n = jax.lax.axis_size(axis_name)
+  out = lse = None
+  held = (k, v, kv_seg)
+  for hop in range(n):
+    incoming = _rotate(held, axis_name, n) if hop < n - 1 else None  # before compute: overlap
+    o_hop, lse_hop = block_fwd(q, held[0], held[1], q_seg, held[2], cfg, out_dtype=jnp.float32)
+    out, lse = (o_hop, lse_hop) if out is None else tile_math.merge(out, lse, o_hop, lse_hop)
+    held = incoming
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _ring(q, k, v, q_seg, kv_seg, cfg, axis_name):
+  return _ring_fwd_pass(q, k, v, q_seg, kv_seg, cfg, axis_name)[0].astype(q.dtype)
+
+
+def _ring_fwd(q, k, v, q_seg, kv_seg, cfg, axis_name):
+  out, lse = _ring_fwd_pass(q, k, v, q_seg, kv_seg, cfg, axis_name)
+  return out.astype(q.dtype), (q, k, v, q_seg, kv_seg, out, lse)
+
+
+def _ring_bwd(cfg, axis_name, res, do):
+  q, k, v, q_seg, kv_seg, out, lse = res
+  n = jax.lax.axis_size(axis_name)
+  dq = dk = dv = None
+  held = (k, v, kv_seg)
+  for hop in range(n):
+    incoming = _rotate(held, axis_name, n) if hop < n - 1 else None
+    dq_hop, dk_hop, dv_hop = block_bwd(q, held[0], held[1], q_seg, held[2], out, lse, do, cfg)
+    dq = dq_hop if dq is None else dq + dq_hop
+    dk = dk_hop if dk is None else dk + dk_hop
+    dv = dv_hop if dv is None else dv + dv_hop
+    # The accumulators follow the K/V shard they belong to; after the n-th hop they are home.
+    dk, dv = _rotate((dk, dv), axis_name, n)
+    held = incoming
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention(q, k, v, *, axis_name, q_segment_ids=None, kv_segment_ids=None,
+                   strategy: str = "ring", block_sizes=None, interpret=None, backend=None):
+  """Attention of local queries against keys sharded over `axis_name` (inside shard_map).
+
+  q: (B, Sq_local, H, D); k, v: (B, Skv_local, H, D); segment ids (B, Sq_local) /
+  (B, Skv_local), each device holding its own sequence shard (shard i = positions
+  i*S_local ... (i+1)*S_local - 1). strategy: "ring" | "all_gather". Other arguments as in
+  `flash_attention`. Returns (B, Sq_local, H, D) in q's dtype.
+  """
+  check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
+  cfg = resolve(q.shape[-1], block_sizes=block_sizes, backend=backend, interpret=interpret)
+  to_bhsd = lambda x: jnp.swapaxes(x, 1, 2)
+  if strategy == "all_gather":
+    gather = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
+    kv_segment_ids = None if kv_segment_ids is None else gather(kv_segment_ids)
+    out = _flash(to_bhsd(q), to_bhsd(gather(k)), to_bhsd(gather(v)), q_segment_ids,
+                 kv_segment_ids, cfg)
+  elif strategy == "ring":
+    out = _ring(to_bhsd(q), to_bhsd(k), to_bhsd(v), q_segment_ids, kv_segment_ids, cfg,
+                axis_name)
+  else:
+    raise ValueError(f"strategy must be 'ring' or 'all_gather', got {strategy!r}")
+  return jnp.swapaxes(out, 1, 2)
