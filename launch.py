@@ -36,6 +36,8 @@ def main(argv):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   _initialize_distributed(c)
   from wan import train  # after distributed setup: importing jax backends comes later
+  if c.jax_cache_dir:
+    train.use_compilation_cache(c.jax_cache_dir)
   train.train(c)
 
 

@@ -31,9 +31,9 @@ def get_config():
   c.replicate_vae = False
 
   # Attention.
-  c.attention = "dot_product"  # dot_product | flash | cudnn_flash_te | ring
-  c.split_head_dim = True
-  c.attention_sharding_uniform = True
+  c.attention = "flash"  # dot_product | flash | cudnn_flash_te (NVIDIA) | ring (context axis)
+  c.split_head_dim = True  # dot_product only: heads as their own dimension (False: in batch)
+  c.attention_sharding_uniform = True  # K/V sharded over context like queries (False: whole)
   c.mask_padding_tokens = True
   c.flash_min_seq_length = 4096
   c.flash_block_sizes = ml_collections.ConfigDict()  # empty = tuned per device
@@ -108,6 +108,9 @@ def get_config():
   c.coordinator_address = ""
   c.num_processes = 0
   c.process_id = -1
+  # Persistent XLA compilation cache (local path or bucket), shared by runs of the same program:
+  # a restart or a second run skips compilation. "" = off.
+  c.jax_cache_dir = ""
 
   # Checkpointing.
   c.checkpoint_every = -1  # in samples; -1 disables
@@ -204,6 +207,7 @@ def tiny(c):
   c.per_device_batch_size = 1.0
   c.global_batch_size = 2
   c.ici_fsdp = -1
+  c.attention = "dot_product"  # the Pallas kernels run interpreted (slowly) on CPU
   c.flash_min_seq_length = 0
   c.checkpoint_every = 20
   c.mask_padding_tokens = True

@@ -42,6 +42,7 @@ def test_tiny_plans_derive_latent_shapes_and_batches():
      "context parallelism 4 does not divide the 18 video tokens"),
     (dict(attention="magic"), ValueError, "attention='magic' is not one of"),
     (dict(remat_policy="SOME"), ValueError, "remat_policy='SOME' is not one of"),
+    (dict(flash_block_sizes=dict(block_z=256)), ValueError, "unknown block size names"),
     (dict(model_type="V2V"), ValueError, "model_type='V2V'"),
     (dict(precision="LOW"), ValueError, "precision='LOW'"),
     (dict(model_preset="huge"), ValueError, "model_preset='huge' is not one of"),
@@ -60,6 +61,14 @@ def test_validation_errors_say_what_to_change(overrides, error, message):
     return
   with pytest.raises(error, match=message):
     _plan(**overrides)
+
+
+def test_attention_options_reach_the_model():
+  m = _plan(attention="ring", split_head_dim=False, attention_sharding_uniform=False,
+            flash_min_seq_length=64, flash_block_sizes=dict(block_q=256, block_kv=128)).model
+  assert (m.attention, m.split_head_dim, m.attention_sharding_uniform) == ("ring", False, False)
+  assert m.flash_min_seq_length == 64
+  assert m.flash_block_sizes == (("block_kv", 128), ("block_q", 256))
 
 
 def test_t2v_model_with_i2v_channels_is_refused():

@@ -12,7 +12,7 @@ def _launch(tmp_path, *flags):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   return subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch.py"), "--config=configs/wan21_t2v.py:tiny",
-       f"--config.output_dir={tmp_path}", *flags],
+       f"--config.output_dir={tmp_path}", f"--config.jax_cache_dir={tmp_path / 'jax_cache'}", *flags],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -29,6 +29,7 @@ def test_tiny_run_writes_logs_metrics_and_checkpoints(tmp_path):
   assert {"loss", "learning_rate", "step_time", "tflops_per_device", "grad_norm"} <= set(records[0])
   assert sorted(os.listdir(run_dir / "checkpoints")) == ["2", "4"]
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(run_dir / "tensorboard"))
+  assert os.listdir(tmp_path / "jax_cache")  # the compiled step, for the next run
   traces = [f for _, _, files in os.walk(run_dir / "profile") for f in files]
   assert any(f.endswith(".xplane.pb") for f in traces), traces
 

@@ -1,26 +1,56 @@
-"""The one attention entry point of the models.
+"""The one attention entry point of the models, routed by name to XLA, Pallas or cuDNN.
 
-Every attention call in `wan/` goes through `attention`; the implementation is chosen by name
-(`dot_product` here; Pallas kernels from `kernels/` are routed here too).
+`attention(q, k, v, impl=...)` with q (B, Sq, H, D), k/v (B, Skv, H, D):
+
+- dot_product: plain XLA softmax attention; GSPMD shards it from the surrounding constraints.
+- flash: the Pallas kernel (kernels.flash_attention). Under a mesh it runs per device in a
+  `shard_map`: batch over (data, fsdp), heads over tensor, queries over context; each device
+  gets the whole K/V (gathered over context if they arrive sharded).
+- ring: context parallelism. Self-attention (K/V as long as the queries) runs
+  kernels.ring_attention over the context axis, K/V travelling around the ring; shorter K/V
+  (text or image tokens) are gathered once and go through flash (the all-gather strategy).
+- cudnn_flash_te: cuDNN flash attention via `jax.nn.dot_product_attention` (NVIDIA GPUs only),
+  per device like flash.
+
+Segment ids: a query attends only to keys with the same id (padding masks of the text).
+Queries shorter than `min_seq_length` fall back to dot_product for every Pallas/cuDNN route.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+import kernels
+from wan import sharding
 
-def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=None):
+IMPLS = ("dot_product", "flash", "cudnn_flash_te", "ring")
+CONTEXT_AXIS = "context"
+
+
+def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=None,
+                split_head_dim: bool = True):
   """Plain XLA softmax attention.
 
   q: (B, Sq, H, D); k, v: (B, Skv, H, D); segment ids: (B, Sq) / (B, Skv) integers, a query
-  attends only to keys with the same segment id. Logits and softmax are float32.
+  attends only to keys with the same id. Logits and softmax are float32. With
+  split_head_dim=False the heads are folded into the batch dimension ((B*H, S, D) matmuls)
+  instead of being a separate einsum dimension: same result, another layout for XLA.
   Returns (B, Sq, H, D) in q's dtype.
   """
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+  if not split_head_dim:
+    b, _, h, d = q.shape
+    fold = lambda x: jnp.swapaxes(x, 1, 2).reshape(b * h, x.shape[1], 1, d)
+    repeat = lambda s: None if s is None else jnp.repeat(s, h, axis=0)
+    out = dot_product(fold(q), fold(k), fold(v), q_segment_ids=repeat(q_segment_ids),
+                      kv_segment_ids=repeat(kv_segment_ids), precision=precision)
+    return jnp.swapaxes(out.reshape(b, h, q.shape[1], d), 1, 2)
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
                       preferred_element_type=jnp.float32) * scale
-  if q_segment_ids is not None or kv_segment_ids is not None:
-    if q_segment_ids is None or kv_segment_ids is None:
-      raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+  if q_segment_ids is not None:
     mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
@@ -29,15 +59,90 @@ def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=N
   return out.astype(q.dtype)
 
 
-def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segment_ids=None,
-              precision=None, block_sizes=None, min_seq_length: int = 0):
-  """Attention over (B, S, H, D) tensors with the implementation named by `impl`.
+def _cudnn(q, k, v, q_segment_ids, kv_segment_ids):
+  """cuDNN flash attention. Segment ids must be padding masks: every query of a sample has one
+  id and the keys with that id come first (the text masks of the model), so they become
+  key lengths, which cuDNN masks without materialising a mask."""
+  lengths = None
+  if kv_segment_ids is not None:
+    lengths = jnp.sum(kv_segment_ids == q_segment_ids[:, :1], axis=1, dtype=jnp.int32)
+  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                      implementation="cudnn")
 
-  `block_sizes` (flash block sizes, None = tuned defaults) and `min_seq_length` (below it the
-  kernels fall back to dot_product) only matter for the Pallas implementations.
+
+def _manual_mesh():
+  """The context mesh when one is set and not already inside a shard_map; else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+    return None
+  return mesh
+
+
+def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded: bool):
+  """Runs fn(q, k, v, q_seg, kv_seg) on each device's shard of the context mesh (or directly).
+
+  Batch over (data, fsdp), heads over tensor, queries over context (where they divide); K/V
+  are sharded over context only when `kv_sharded`, else every device receives all of them.
   """
-  if impl == "dot_product":
+  mesh = _manual_mesh()
+  if mesh is None:
+    return fn(q, k, v, q_segment_ids, kv_segment_ids)
+  kv_axis = "length" if kv_sharded else "kv_length"
+  q_spec = sharding.spec(("batch", "length", "act_heads", None), q.shape, mesh)
+  kv_spec = sharding.spec(("batch", kv_axis, "act_heads", None), k.shape, mesh)
+  if kv_sharded and kv_spec[1] != q_spec[1]:
+    raise ValueError(f"ring attention needs queries ({q.shape[1]}) and keys ({k.shape[1]}) "
+                     f"split evenly over the {CONTEXT_AXIS} axis")
+  if q_segment_ids is None:
+    mapped = jax.shard_map(lambda q, k, v: fn(q, k, v, None, None), mesh=mesh,
+                           in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
+                           check_vma=False)
+    return mapped(q, k, v)
+  seg_specs = (jax.P(*q_spec[:2]), jax.P(*kv_spec[:2]))
+  mapped = jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, *seg_specs),
+                         out_specs=q_spec, check_vma=False)
+  return mapped(q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def _ring_applies(q, k) -> bool:
+  """Self-attention whose sequence splits evenly over a context axis of size > 1."""
+  mesh = _manual_mesh()
+  n = 1 if mesh is None else dict(zip(mesh.axis_names, mesh.axis_sizes)).get(CONTEXT_AXIS, 1)
+  return n > 1 and q.shape[1] == k.shape[1] and q.shape[1] % n == 0
+
+
+def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segment_ids=None,
+              precision=None, block_sizes=None, min_seq_length: int = 0,
+              split_head_dim: bool = True):
+  """Attention over (B, S, H, D) tensors with the implementation named by `impl` (see IMPLS).
+
+  block_sizes: flash block sizes (BlockSizes, dict, tuple of (name, value) pairs or None for
+  the device's tuned entry). min_seq_length: shorter query sequences use dot_product.
+  split_head_dim: dot_product layout (see `dot_product`). precision: dot_product matmuls.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"attention implementation {impl!r} is not one of {list(IMPLS)}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("q_segment_ids and kv_segment_ids must be given together")
+  if impl == "dot_product" or q.shape[1] < min_seq_length:
     return dot_product(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                       precision=precision)
-  raise NotImplementedError(f"attention implementation {impl!r} is not implemented yet; "
-                            "use attention='dot_product'")
+                       precision=precision, split_head_dim=split_head_dim)
+  if isinstance(block_sizes, tuple):
+    block_sizes = dict(block_sizes)
+  flash = functools.partial(_flash_local, block_sizes=block_sizes)
+  if impl == "cudnn_flash_te":
+    return _per_device(_cudnn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=False)
+  if impl == "ring" and _ring_applies(q, k):
+    ring = functools.partial(_ring_local, block_sizes=block_sizes)
+    return _per_device(ring, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=True)
+  return _per_device(flash, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=False)
+
+
+def _flash_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes):
+  return kernels.flash_attention(q, k, v, q_segment_ids=q_segment_ids,
+                                 kv_segment_ids=kv_segment_ids, block_sizes=block_sizes)
+
+
+def _ring_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes):
+  return kernels.ring_attention(q, k, v, axis_name=CONTEXT_AXIS, q_segment_ids=q_segment_ids,
+                                kv_segment_ids=kv_segment_ids, block_sizes=block_sizes)

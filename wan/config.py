@@ -33,7 +33,7 @@ NOT_IMPLEMENTED = {
     "timestep_eval": False, "enable_ssim": False, "enable_lora": False, "quantization": "",
     "use_qwix_quantization": False, "tfrecords_dir": "", "no_records_per_shard": 0,
     "enable_single_replica_ckpt_restoring": False, "replicate_vae": False, "prompt": "",
-    "split_head_dim": True, "attention_sharding_uniform": True, "from_pt": True,
+    "from_pt": True,
 }
 NOT_IMPLEMENTED_DATASETS = ("tfrecord", "hf", "tf", "grain")
 
@@ -96,6 +96,7 @@ def model_config(c) -> transformer.Config:
       precision=c.precision, attention=c.attention,
       flash_min_seq_length=c.flash_min_seq_length,
       flash_block_sizes=tuple(sorted(c.flash_block_sizes.items())) or None,
+      split_head_dim=c.split_head_dim, attention_sharding_uniform=c.attention_sharding_uniform,
       mask_padding_tokens=c.mask_padding_tokens, dropout=c.dropout, boundary=boundary)
 
 

@@ -17,6 +17,14 @@ from wan import checkpoint, config, data, flow, fs, metrics, optim, params, shar
 from wan import transformer
 
 
+def use_compilation_cache(path: str):
+  """Caches every compiled program under `path` ("" turns the cache off) for later processes."""
+  from jax.experimental.compilation_cache import compilation_cache
+  jax.config.update("jax_compilation_cache_dir", path or None)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0 if path else 1.0)
+  compilation_cache.reset_cache()  # the next compilation opens the cache at the new path
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   """Everything fixed for a run: config, plan, mesh, optimizer and shardings."""
@@ -33,6 +41,10 @@ def setup(c, devices=None) -> Run:
   devices = list(jax.devices() if devices is None else devices)
   num_processes = len({d.process_index for d in devices})
   plan = config.plan(c, len(devices), num_processes, sharding.granules(devices)[1])
+  if plan.model.attention == "cudnn_flash_te" and devices[0].platform != "gpu":
+    raise ValueError(f"attention=cudnn_flash_te runs cuDNN flash attention on NVIDIA GPUs; these "
+                     f"devices are {devices[0].platform}: use attention=flash (or ring, "
+                     "dot_product)")
   mesh = sharding.make_mesh(plan.ici, plan.dcn, devices)
   tx = optim.make(c, plan)
   decls = transformer.param_decls(plan.model)

@@ -23,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+import kernels
 from wan import attention, params, remat, sharding
 from wan.numerics import DTYPES, PRECISIONS
 from wan.params import Param
 
-ATTENTIONS = ("dot_product", "flash", "cudnn_flash_te", "ring")
+ATTENTIONS = attention.IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,9 @@ class Config:
   precision: str = "DEFAULT"
   attention: str = "dot_product"
   flash_min_seq_length: int = 0
-  flash_block_sizes: tuple | None = None
+  flash_block_sizes: tuple | None = None  # ((name, size), ...) overriding the tuned entry
+  split_head_dim: bool = True  # dot_product layout: heads as their own einsum dimension
+  attention_sharding_uniform: bool = True  # K/V sharded over context like the queries
   mask_padding_tokens: bool = False
   dropout: float = 0.0
   boundary: float | None = None  # Wan 2.2 A14B: sigma where the high-noise expert hands over
@@ -89,6 +92,8 @@ class Config:
       raise ValueError(f"flash_block_sizes={self.flash_block_sizes!r} must be None or a tuple of "
                        "(name, size) pairs so Config stays hashable; pass "
                        "tuple(sorted(block_sizes.items())) for a dict")
+    if self.flash_block_sizes:
+      kernels.BlockSizes.make(dict(self.flash_block_sizes))  # unknown names: a clear error
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
     remat.check_names(self.names_which_can_be_saved + self.names_which_can_be_offloaded)
@@ -295,13 +300,17 @@ def _heads(x, cfg: Config):
 
 
 def _attend(q, k, v, cfg: Config, kv_segment_ids=None):
+  """q: (B, S, H, Dh) against k, v: (B, L, H, Dh), through the configured implementation."""
+  kv_axes = ("batch", "length" if cfg.attention_sharding_uniform else "kv_length", "act_heads",
+             None)
+  k, v = sharding.constrain(k, kv_axes), sharding.constrain(v, kv_axes)
   q_segment_ids = None
   if kv_segment_ids is not None:
     q_segment_ids = jnp.ones(q.shape[:2], kv_segment_ids.dtype)
   return attention.attention(
       q, k, v, impl=cfg.attention, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       precision=PRECISIONS[cfg.precision], block_sizes=cfg.flash_block_sizes,
-      min_seq_length=cfg.flash_min_seq_length)
+      min_seq_length=cfg.flash_min_seq_length, split_head_dim=cfg.split_head_dim)
 
 
 def self_attention(p, x, rope, cfg: Config):

@@ -1,0 +1,203 @@
+"""Attention routing (wan/attention.py): every implementation against dot_product, alone and
+under meshes, and the model's loss and gradients with flash and ring (context 2/4/8)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import wan21_i2v, wan21_t2v
+from wan import attention, data, train
+
+P = jax.P
+
+
+def _qkv(sq=48, skv=48, heads=4, d=32, dtype=jnp.float32):
+  keys = jax.random.split(jax.random.key(0), 3)
+  q = jax.random.normal(keys[0], (2, sq, heads, d), dtype)
+  k = jax.random.normal(keys[1], (2, skv, heads, d), dtype)
+  v = jax.random.normal(keys[2], (2, skv, heads, d), dtype)
+  return q, k, v
+
+
+def _padding(skv, valid=(17, 9)):
+  """Text-style padding masks: sample i has valid[i] real tokens, then padding."""
+  return (jnp.arange(skv)[None, :] < jnp.array(valid)[:, None]).astype(jnp.int32)
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _mesh(**sizes):
+  shape = {"data": 1, "fsdp": 1, "context": 1, "tensor": 1, **sizes}
+  n = int(np.prod(list(shape.values())))
+  return jax.sharding.Mesh(np.asarray(jax.devices()[:n]).reshape(list(shape.values())),
+                           tuple(shape), axis_types=(jax.sharding.AxisType.Auto,) * 4)
+
+
+def _value_and_grads(impl, q, k, v, segs, mesh=None, **kw):
+  def f(q, k, v):
+    out = attention.attention(q, k, v, impl=impl, q_segment_ids=segs and segs[0],
+                              kv_segment_ids=segs and segs[1], **kw)
+    return jnp.sum(out * jnp.cos(out)), out  # a cotangent that is not all ones
+  fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+  if mesh is None:
+    (_, out), grads = fn(q, k, v)
+  else:
+    with jax.set_mesh(mesh):
+      (_, out), grads = fn(q, k, v)
+  return out, grads
+
+
+def _assert_matches_dot_product(impl, q, k, v, segs, mesh=None, tol=1e-5, **kw):
+  out, grads = _value_and_grads(impl, q, k, v, segs, mesh, **kw)
+  ref_out, ref_grads = _value_and_grads("dot_product", q, k, v, segs, precision="highest")
+  assert _rel(out, ref_out) < tol
+  for name, g, g_ref in zip("qkv", grads, ref_grads):
+    assert _rel(g, g_ref) < tol, name
+
+
+def _primitives(impl, q, k, v, mesh, **kw):
+  with jax.set_mesh(mesh):
+    return str(jax.make_jaxpr(lambda q, k, v: attention.attention(q, k, v, impl=impl, **kw))(
+        q, k, v))
+
+
+@pytest.mark.parametrize("impl", ["flash", "ring"])
+@pytest.mark.parametrize("cross", [False, True])
+def test_kernels_without_mesh_match_dot_product(impl, cross):
+  q, k, v = _qkv(skv=24 if cross else 48)
+  segs = (jnp.ones((2, 48), jnp.int32), _padding(24)) if cross else None
+  _assert_matches_dot_product(impl, q, k, v, segs)
+
+
+@pytest.mark.parametrize("impl, sizes", [
+    ("flash", dict(fsdp=2, context=2, tensor=2)),
+    ("ring", dict(context=4, tensor=2)),
+    ("ring", dict(data=2, context=4))])
+@pytest.mark.parametrize("cross", [False, True])
+def test_kernels_under_a_mesh_match_dot_product(impl, sizes, cross):
+  q, k, v = _qkv(skv=24 if cross else 48)
+  segs = (jnp.ones((2, 48), jnp.int32), _padding(24)) if cross else None
+  _assert_matches_dot_product(impl, q, k, v, segs, _mesh(**sizes))
+
+
+def test_routes_use_the_kernels():
+  q, k, v = _qkv()
+  mesh = _mesh(context=4, tensor=2)
+  assert "pallas_call" in _primitives("flash", q, k, v, mesh)
+  assert "pallas_call" not in _primitives("dot_product", q, k, v, mesh)
+  ring = _primitives("ring", q, k, v, mesh)
+  assert "pallas_call" in ring and "ppermute" in ring
+  cross = _primitives("ring", q, k[:, :24], v[:, :24], mesh)  # short K/V: gathered, no ring
+  assert "pallas_call" in cross and "ppermute" not in cross
+  # Below flash_min_seq_length every route is dot_product.
+  assert "pallas_call" not in _primitives("ring", q, k, v, mesh, min_seq_length=49)
+
+
+def test_min_seq_length_falls_back_to_dot_product_exactly():
+  q, k, v = _qkv()
+  want = attention.dot_product(q, k, v)
+  got = attention.attention(q, k, v, impl="flash", min_seq_length=64)
+  np.testing.assert_array_equal(got, want)
+
+
+def test_split_head_dim_false_folds_heads_into_batch():
+  q, k, v = _qkv(skv=24)
+  segs = (jnp.ones((2, 48), jnp.int32), _padding(24))
+  want = attention.dot_product(q, k, v, q_segment_ids=segs[0], kv_segment_ids=segs[1])
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: attention.dot_product(
+      q, k, v, split_head_dim=False))(q, k, v))
+  assert "f32[8,48,1,32]" in jaxpr  # (B*H, S, 1, D)
+  got = attention.dot_product(q, k, v, q_segment_ids=segs[0], kv_segment_ids=segs[1],
+                              split_head_dim=False)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_flash_within_tolerance():
+  q, k, v = _qkv(dtype=jnp.bfloat16)
+  out = attention.attention(q, k, v, impl="flash")
+  want = attention.dot_product(*(x.astype(jnp.float32) for x in (q, k, v)),
+                               precision="highest")
+  assert out.dtype == jnp.bfloat16 and _rel(out.astype(jnp.float32), want) < 2e-2
+
+
+def test_bad_arguments_raise():
+  q, k, v = _qkv()
+  with pytest.raises(ValueError, match="not one of"):
+    attention.attention(q, k, v, impl="splash")
+  with pytest.raises(ValueError, match="given together"):
+    attention.attention(q, k, v, impl="flash", q_segment_ids=jnp.ones((2, 48), jnp.int32))
+  with pytest.raises(ValueError, match="unknown block size names"):
+    attention.attention(q, k, v, impl="flash", block_sizes=(("block_z", 128),))
+
+
+def test_cudnn_on_cpu_is_refused_before_any_work():
+  c = wan21_t2v.get_config("tiny")
+  c.attention = "cudnn_flash_te"
+  with pytest.raises(ValueError, match="cudnn_flash_te runs cuDNN flash attention on NVIDIA"):
+    train.setup(c, jax.devices()[:1])
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+def test_cudnn_matches_dot_product_on_gpu():
+  q, k, v = _qkv(sq=256, skv=128, heads=4, d=128, dtype=jnp.bfloat16)
+  segs = (jnp.ones((2, 256), jnp.int32), _padding(128, (100, 37)))
+  out, _ = _value_and_grads("cudnn_flash_te", q, k, v, segs)
+  ref, _ = _value_and_grads("dot_product", *(x.astype(jnp.float32) for x in (q, k, v)), segs)
+  assert _rel(out.astype(jnp.float32), ref) < 2e-2
+
+
+# --- the model ------------------------------------------------------------------------------
+
+def _loss_and_grads(module, attn, devices, **overrides):
+  c = module.get_config("tiny")
+  c.update(checkpoint_every=-1, write_metrics=False, global_batch_size=4, precision="HIGHEST",
+           attention=attn, **overrides)
+  run = train.setup(c, devices)
+  state = train.init_state(run)
+  batch = next(data.make(c, run.plan, run.mesh))
+  fn = jax.value_and_grad(lambda p: train.loss_fn(p, batch, jax.random.key(3), run),
+                          has_aux=True)
+  with jax.set_mesh(run.mesh):
+    (loss, _), grads = jax.jit(fn)(state["params"])
+  return float(loss), jax.device_get(grads)
+
+
+@pytest.fixture(scope="module")
+def dot_product_reference():
+  return {m: _loss_and_grads(m, "dot_product", jax.devices()[:1]) for m in (wan21_t2v, wan21_i2v)}
+
+
+@pytest.mark.parametrize("module, attn, mesh", [
+    (wan21_t2v, "flash", dict()),
+    (wan21_t2v, "flash", dict(ici_fsdp=2, ici_context=2, ici_tensor=2)),
+    (wan21_t2v, "ring", dict(ici_fsdp=4, ici_context=2, attention_sharding_uniform=False)),
+    (wan21_t2v, "dot_product", dict(ici_fsdp=2, ici_context=4, split_head_dim=False)),
+    (wan21_t2v, "ring", dict(ici_fsdp=2, ici_context=4)),
+    (wan21_t2v, "ring", dict(ici_fsdp=1, ici_context=8)),
+    (wan21_i2v, "ring", dict(ici_data=2, ici_fsdp=1, ici_context=2, ici_tensor=2))])
+def test_model_loss_and_gradients_match_dot_product(dot_product_reference, module, attn, mesh):
+  """Text padding masks (mask_padding_tokens) and, for I2V, 257 image tokens go through the
+  kernels' cross-attention; self-attention runs the ring over the context axis."""
+  want_loss, want_grads = dot_product_reference[module]
+  devices = jax.devices() if mesh else jax.devices()[:1]
+  loss, grads = _loss_and_grads(module, attn, devices, **mesh)
+  assert abs(loss - want_loss) <= 1e-5 * abs(want_loss)
+  for path, g, g_ref in zip(jax.tree_util.tree_leaves_with_path(grads),
+                            jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert np.linalg.norm(g - g_ref) <= 1e-5 * np.linalg.norm(g_ref) + 1e-12, path[0]
+
+
+def test_model_trains_with_ring_like_dot_product():
+  """Two optimizer steps in bfloat16 activations: the same losses within bf16 tolerance."""
+  losses = {}
+  for attn in ("dot_product", "ring"):
+    c = wan21_t2v.get_config("tiny")
+    c.update(checkpoint_every=-1, write_metrics=False, max_train_steps=2, ici_fsdp=-1,
+             ici_context=4, attention=attn, activations_dtype="bfloat16")
+    losses[attn] = train.train(c)
+  np.testing.assert_allclose(losses["ring"], losses["dot_product"], rtol=2e-2)
