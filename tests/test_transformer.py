@@ -158,6 +158,9 @@ def test_bad_inputs_say_what_is_wrong():
     T.forward(p, cfg, g["latents"], g["timestep"][:1], g["text"])
   with pytest.raises(ValueError, match="image embeddings"):
     T.forward(p, cfg, g["latents"], g["timestep"], g["text"], np.zeros((2, 5, 24), np.float32))
+  short_rope = dataclasses.replace(cfg, rope_max_seq_len=2)
+  with pytest.raises(ValueError, match="exceeds rope_max_seq_len=2"):
+    T.forward(p, short_rope, g["latents"], g["timestep"], g["text"])
 
 
 # Measured ours/XLA - 1 on these configs: -1.4% (t2v), -1.6% (i2v, 257 image tokens), -1.6%

@@ -396,7 +396,12 @@ def _check_inputs(cfg: Config, latents, timestep, text, image):
   if f % pt or h % ph or w % pw:
     raise ValueError(f"latent frames/height/width {(f, h, w)} must be multiples of the patch "
                      f"size {cfg.patch_size}")
-  seq = (f // pt) * (h // ph) * (w // pw)
+  grid = (f // pt, h // ph, w // pw)
+  if max(grid) > cfg.rope_max_seq_len:
+    raise ValueError(f"latent grid {grid} (frames, height, width after patching) exceeds "
+                     f"rope_max_seq_len={cfg.rope_max_seq_len} positions on one axis; use a "
+                     "smaller video or a model configured with a larger rope_max_seq_len")
+  seq = grid[0] * grid[1] * grid[2]
   if timestep.shape not in ((b,), (b, seq)):
     raise ValueError(f"timestep must be (B,)=({b},) or per-token (B, S)=({b}, {seq}); got "
                      f"{timestep.shape}")
