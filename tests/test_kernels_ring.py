@@ -7,7 +7,7 @@ import pytest
 
 import kernels
 from kernels.tuning import BlockSizes
-from tests.test_kernels import inputs, reference, rel
+from tests.attention_refs import inputs, reference, rel
 
 P = jax.P
 
