@@ -1,0 +1,203 @@
+"""Attention microbenchmark on the present device: flash kernel vs XLA (and cuDNN on GPU).
+
+    python -m kernels.bench [--smoke] [--seq=4096,8192] [--heads=12,40] [--head_dim=128]
+                            [--dtype=bfloat16] [--batch=1] [--block_sizes=block_q=256,...]
+                            [--json=kernels_bench.json]
+
+For each (sequence, heads) shape it times the forward and the forward+backward (a vjp with a
+fixed cotangent) of every implementation, reports milliseconds (median of --reps runs after a
+compile-and-warm-up call, whose time is reported separately) and TFLOP/s, and the flash/cuDNN
+and flash/XLA ratios. FLOPs follow the FlashAttention-2 convention: forward 4·B·H·Sq·Skv·D (two
+matmuls), backward 2.5× forward (five matmuls, recomputing QKᵀ), so forward+backward is 3.5×
+forward. A shape an implementation cannot run gets a row saying why (out of memory, cuDNN
+unsupported, XLA logits too large) instead of stopping the table. Writes the rows as JSON.
+On CPU the Pallas kernel runs in interpret mode: its times there say nothing about speed.
+"""
+
+import datetime
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+
+import kernels
+
+WAN_SEQS = (4096, 8192, 16384, 32768, 75600)  # 75,600: 720p, 81 frames
+FLAGS = flags.FLAGS
+
+IMPLS = ("flash", "xla", "cudnn")
+
+
+def attention_flops(batch, heads, sq, skv, head_dim, backward=False) -> float:
+  """FLOPs of softmax attention: forward 4·B·H·Sq·Skv·D; with backward 3.5× that (FA2)."""
+  forward = 4.0 * batch * heads * sq * skv * head_dim
+  return forward * 3.5 if backward else forward
+
+
+def xla_attention(q, k, v):
+  """The XLA reference: einsum softmax attention with float32 logits, (B, S, H, D)."""
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  p = jax.nn.softmax(s * q.shape[-1] ** -0.5, axis=-1)
+  return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
+                    preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def cudnn_attention(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def parse_block_sizes(items):
+  """["block_q=256", ...] -> {"block_q": 256, ...} (None when empty)."""
+  if not items:
+    return None
+  out = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not sep or not value.strip().isdigit():
+      raise ValueError(f"--block_sizes entries are name=integer, got {item!r}")
+    out[name.strip()] = int(value)
+  kernels.BlockSizes.make(out)  # unknown names fail here, before any work
+  return out
+
+
+def time_call(fn, args, reps):
+  """(compile + first call seconds, median seconds of `reps` further calls)."""
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return first, statistics.median(times)
+
+
+def _memory_limit():
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit", 16 << 30)
+
+
+def _skip_reason(impl, batch, heads, seq):
+  if impl == "cudnn" and jax.default_backend() != "gpu":
+    return "unavailable (cuDNN needs an NVIDIA GPU)"
+  if impl == "xla" and 3 * 4 * batch * heads * seq * seq > 0.8 * _memory_limit():
+    return "skipped (memory: the S x S float32 logits do not fit)"
+  return None
+
+
+def _short(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return f"failed: {type(error).__name__}: {text[0][:120] if text else ''}"
+
+
+def measure(impl, batch, heads, seq, head_dim, dtype, block_sizes, reps) -> dict:
+  """One row: forward and forward+backward times and TFLOP/s of `impl` at one shape."""
+  row = dict(impl=impl, batch=batch, heads=heads, seq=seq, head_dim=head_dim,
+             dtype=jnp.dtype(dtype).name, status="ok")
+  reason = _skip_reason(impl, batch, heads, seq)
+  if reason:
+    return dict(row, status=reason)
+  fn = {"flash": lambda q, k, v: kernels.flash_attention(q, k, v, block_sizes=block_sizes),
+        "xla": xla_attention, "cudnn": cudnn_attention}[impl]
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, do = (jax.random.normal(key, (batch, seq, heads, head_dim), dtype) for key in keys)
+  forward = jax.jit(fn)
+  backward = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
+  try:
+    compile_fwd, fwd = time_call(forward, (q, k, v), reps)
+    compile_bwd, fwd_bwd = time_call(backward, (q, k, v, do), reps)
+  except Exception as e:  # one failing shape (OOM, unsupported) must not end the table
+    return dict(row, status=_short(e))
+  flops = attention_flops(batch, heads, seq, seq, head_dim)
+  return dict(row, fwd_ms=fwd * 1e3, fwd_tflops=flops / fwd / 1e12,
+              fwd_bwd_ms=fwd_bwd * 1e3,
+              fwd_bwd_tflops=attention_flops(batch, heads, seq, seq, head_dim, True)
+              / fwd_bwd / 1e12,
+              compile_s=compile_fwd + compile_bwd)
+
+
+def add_ratios(rows):
+  """flash rows get fwd/fwd_bwd speed ratios against xla and cudnn at the same shape."""
+  by_shape = {(r["impl"], r["heads"], r["seq"]): r for r in rows}
+  for r in rows:
+    if r["impl"] != "flash" or r["status"] != "ok":
+      continue
+    for other in ("xla", "cudnn"):
+      o = by_shape.get((other, r["heads"], r["seq"]))
+      if o and o["status"] == "ok":
+        r[f"fwd_vs_{other}"] = o["fwd_ms"] / r["fwd_ms"]
+        r[f"fwd_bwd_vs_{other}"] = o["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+
+
+def format_table(header, rows) -> str:
+  cols = ("seq", "heads", "impl", "fwd ms", "fwd TF/s", "f+b ms", "f+b TF/s", "vs cuDNN",
+          "vs XLA", "note")
+  lines = [f"device: {header['device']}  jax {header['jax']}  dtype {header['dtype']}  "
+           f"D={header['head_dim']}  B={header['batch']}", ""]
+  table = []
+  for r in rows:
+    num = lambda key, fmt="{:.2f}": fmt.format(r[key]) if key in r else "-"
+    ratio = lambda other: (f"{r[f'fwd_vs_{other}']:.2f}/{r[f'fwd_bwd_vs_{other}']:.2f}"
+                           if f"fwd_vs_{other}" in r else "-")
+    table.append((str(r["seq"]), str(r["heads"]), r["impl"], num("fwd_ms"), num("fwd_tflops"),
+                  num("fwd_bwd_ms"), num("fwd_bwd_tflops"), ratio("cudnn"), ratio("xla"),
+                  "" if r["status"] == "ok" else r["status"]))
+  widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
+  fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+  lines += [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(t) for t in table]
+  lines.append("ratios: speed-up of flash (fwd/fwd+bwd); FLOPs: fwd 4BHS^2D, fwd+bwd 3.5x")
+  return "\n".join(lines)
+
+
+def run(seqs, heads_list, head_dim, batch, dtype, block_sizes, reps):
+  """All rows for the shape grid, ratios added."""
+  rows = [measure(impl, batch, heads, seq, head_dim, dtype, block_sizes, reps)
+          for seq in seqs for heads in heads_list for impl in IMPLS]
+  add_ratios(rows)
+  return rows
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if FLAGS.smoke:
+    seqs, heads, head_dim, dtype, reps = (256, 384), (2,), 64, jnp.float32, 2
+  else:
+    seqs, heads = [int(s) for s in FLAGS.seq], [int(h) for h in FLAGS.heads]
+    head_dim, dtype, reps = FLAGS.head_dim, jnp.dtype(FLAGS.dtype), FLAGS.reps
+  block_sizes = parse_block_sizes(FLAGS.block_sizes)
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    print("warning: CPU runs the Pallas kernel in interpret mode; these times are not "
+          "kernel performance")
+  header = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
+                dtype=jnp.dtype(dtype).name, head_dim=head_dim, batch=FLAGS.batch,
+                block_sizes=block_sizes or "tuning table",
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  rows = run(seqs, heads, head_dim, FLAGS.batch, dtype, block_sizes, reps)
+  print(format_table(header, rows))
+  with open(FLAGS.json, "w") as f:
+    json.dump({"header": header, "rows": rows}, f, indent=1)
+  print(f"wrote {FLAGS.json}")
+
+
+def define_flags():
+  """The command-line flags (defined only when run as a program, so the module imports cleanly)."""
+  flags.DEFINE_list("seq", [str(s) for s in WAN_SEQS], "sequence lengths (Sq = Skv)")
+  flags.DEFINE_list("heads", ["12", "40"], "head counts (Wan 1.3B: 12, 14B: 40)")
+  flags.DEFINE_integer("head_dim", 128, "head dimension")
+  flags.DEFINE_integer("batch", 1, "batch size")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "input dtype")
+  flags.DEFINE_list("block_sizes", [], "flash block sizes as name=value (default: tuning table)")
+  flags.DEFINE_integer("reps", 10, "timed repetitions per measurement")
+  flags.DEFINE_string("json", "kernels_bench.json", "where to write the rows")
+  flags.DEFINE_bool("smoke", False, "tiny float32 shapes, seconds on CPU (for tests)")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
