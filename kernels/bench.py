@@ -2,15 +2,21 @@
 
     python -m kernels.bench [--smoke] [--seq=4096,8192] [--heads=12,40] [--head_dim=128]
                             [--dtype=bfloat16] [--batch=1] [--block_sizes=block_q=256,...]
-                            [--json=kernels_bench.json]
+                            [--reps=10] [--json=kernels_bench.json]
 
 For each (sequence, heads) shape it times the forward and the forward+backward (a vjp with a
-fixed cotangent) of every implementation, reports milliseconds (median of --reps runs after a
-compile-and-warm-up call, whose time is reported separately) and TFLOP/s, and the flash/cuDNN
-and flash/XLA ratios. FLOPs follow the FlashAttention-2 convention: forward 4·B·H·Sq·Skv·D (two
-matmuls), backward 2.5× forward (five matmuls, recomputing QKᵀ), so forward+backward is 3.5×
-forward. A shape an implementation cannot run gets a row saying why (out of memory, cuDNN
-unsupported, XLA logits too large) instead of stopping the table. Writes the rows as JSON.
+fixed cotangent) of every implementation: compile ahead of time (reported separately, never
+in the timings), two warm-up calls, then the median of --reps calls, each ended by
+`jax.block_until_ready`. It reports milliseconds, TFLOP/s and the speed of flash relative to
+XLA and cuDNN (their time over flash's, i.e. flash TFLOP/s over theirs: 0.9 = 90% of cuDNN).
+
+FLOPs follow the FlashAttention-2 convention, non-causal: forward 4·B·H·Sq·Skv·D (the two
+matmuls QKᵀ and PV, 2 FLOPs per multiply-add); backward 2.5× forward (five matmuls, QKᵀ
+recomputed); forward+backward 3.5× forward. Softmax and exp are not counted.
+
+A shape an implementation cannot run gets a row saying why (cuDNN unavailable or unsupported,
+out of memory, or the XLA reference skipped because its S×S float32 logits would not fit)
+instead of stopping the table. Writes {"header": {...}, "rows": [...]} as JSON.
 On CPU the Pallas kernel runs in interpret mode: its times there say nothing about speed.
 """
 
@@ -26,26 +32,32 @@ from absl import app, flags, logging
 import kernels
 
 WAN_SEQS = (4096, 8192, 16384, 32768, 75600)  # 75,600: 720p, 81 frames
-FLAGS = flags.FLAGS
-
 IMPLS = ("flash", "xla", "cudnn")
+SMOKE = dict(seqs=(256, 384), heads=(2,), head_dim=64, dtype="float32", reps=3)
+FLAGS = flags.FLAGS
 
 
 def attention_flops(batch, heads, sq, skv, head_dim, backward=False) -> float:
-  """FLOPs of softmax attention: forward 4·B·H·Sq·Skv·D; with backward 3.5× that (FA2)."""
+  """FLOPs of non-causal softmax attention: forward 4·B·H·Sq·Skv·D; with backward 3.5× that.
+
+  The FlashAttention-2 count: QKᵀ and PV are 2·B·H·Sq·Skv·D each; the backward's five matmuls
+  (QKᵀ recomputed, dV, dP, dQ, dK) are 2.5× the forward.
+  """
   forward = 4.0 * batch * heads * sq * skv * head_dim
   return forward * 3.5 if backward else forward
 
 
-def xla_attention(q, k, v):
-  """The XLA reference: einsum softmax attention with float32 logits, (B, S, H, D)."""
-  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+def xla_attention(q, k, v, precision=None):
+  """The XLA reference: einsum softmax attention with float32 logits. (B, S, H, D) -> same."""
+  s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32,
+                 precision=precision)
   p = jax.nn.softmax(s * q.shape[-1] ** -0.5, axis=-1)
-  return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v,
-                    preferred_element_type=jnp.float32).astype(q.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                    precision=precision).astype(q.dtype)
 
 
 def cudnn_attention(q, k, v):
+  """cuDNN's fused attention through jax (NVIDIA GPUs only). (B, S, H, D) -> same."""
   return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
@@ -63,20 +75,23 @@ def parse_block_sizes(items):
   return out
 
 
-def time_call(fn, args, reps):
-  """(compile + first call seconds, median seconds of `reps` further calls)."""
+def time_call(fn, args, reps, warmup=2):
+  """(compile seconds, median seconds of `reps` calls after `warmup` calls) of jax.jit(fn)."""
   start = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - start
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
   times = []
   for _ in range(reps):
     start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - start)
-  return first, statistics.median(times)
+  return compile_s, statistics.median(times)
 
 
 def _memory_limit():
+  """Bytes the first device may allocate (16 GiB when the backend does not say, as on CPU)."""
   stats = jax.devices()[0].memory_stats() or {}
   return stats.get("bytes_limit", 16 << 30)
 
@@ -84,8 +99,10 @@ def _memory_limit():
 def _skip_reason(impl, batch, heads, seq):
   if impl == "cudnn" and jax.default_backend() != "gpu":
     return "unavailable (cuDNN needs an NVIDIA GPU)"
-  if impl == "xla" and 3 * 4 * batch * heads * seq * seq > 0.8 * _memory_limit():
-    return "skipped (memory: the S x S float32 logits do not fit)"
+  # The XLA backward holds about three S×S float32 arrays per head (logits, probabilities, dP).
+  need, limit = 3 * 4 * batch * heads * seq * seq, _memory_limit()
+  if impl == "xla" and need > 0.8 * limit:
+    return f"skipped (memory: ~{need / 2**30:.0f} GiB of S x S logits > {limit / 2**30:.0f} GiB)"
   return None
 
 
@@ -103,25 +120,24 @@ def measure(impl, batch, heads, seq, head_dim, dtype, block_sizes, reps) -> dict
     return dict(row, status=reason)
   fn = {"flash": lambda q, k, v: kernels.flash_attention(q, k, v, block_sizes=block_sizes),
         "xla": xla_attention, "cudnn": cudnn_attention}[impl]
-  keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, do = (jax.random.normal(key, (batch, seq, heads, head_dim), dtype) for key in keys)
-  forward = jax.jit(fn)
-  backward = jax.jit(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do))
-  try:
-    compile_fwd, fwd = time_call(forward, (q, k, v), reps)
-    compile_bwd, fwd_bwd = time_call(backward, (q, k, v, do), reps)
-  except Exception as e:  # one failing shape (OOM, unsupported) must not end the table
+  try:  # one failing shape (out of memory, unsupported by cuDNN) must not end the table
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, do = (jax.random.normal(key, (batch, seq, heads, head_dim), dtype) for key in keys)
+    compile_fwd, fwd = time_call(fn, (q, k, v), reps)
+    compile_bwd, fwd_bwd = time_call(lambda q, k, v, do: jax.vjp(fn, q, k, v)[1](do),
+                                     (q, k, v, do), reps)
+  except Exception as e:
     return dict(row, status=_short(e))
-  flops = attention_flops(batch, heads, seq, seq, head_dim)
-  return dict(row, fwd_ms=fwd * 1e3, fwd_tflops=flops / fwd / 1e12,
+  return dict(row, fwd_ms=fwd * 1e3,
+              fwd_tflops=attention_flops(batch, heads, seq, seq, head_dim) / fwd / 1e12,
               fwd_bwd_ms=fwd_bwd * 1e3,
               fwd_bwd_tflops=attention_flops(batch, heads, seq, seq, head_dim, True)
               / fwd_bwd / 1e12,
-              compile_s=compile_fwd + compile_bwd)
+              compile_fwd_s=compile_fwd, compile_fwd_bwd_s=compile_bwd)
 
 
 def add_ratios(rows):
-  """flash rows get fwd/fwd_bwd speed ratios against xla and cudnn at the same shape."""
+  """Flash rows get `fwd_vs_{xla,cudnn}` / `fwd_bwd_vs_*`: the other's time over flash's."""
   by_shape = {(r["impl"], r["heads"], r["seq"]): r for r in rows}
   for r in rows:
     if r["impl"] != "flash" or r["status"] != "ok":
@@ -134,22 +150,30 @@ def add_ratios(rows):
 
 
 def format_table(header, rows) -> str:
+  """The header line and an aligned table, one row per (shape, implementation)."""
   cols = ("seq", "heads", "impl", "fwd ms", "fwd TF/s", "f+b ms", "f+b TF/s", "vs cuDNN",
-          "vs XLA", "note")
-  lines = [f"device: {header['device']}  jax {header['jax']}  dtype {header['dtype']}  "
-           f"D={header['head_dim']}  B={header['batch']}", ""]
+          "vs XLA", "compile s", "note")
+  device = header["device"]
+  if header["platform"] not in device.lower():
+    device += f" ({header['platform']})"
+  lines = [f"device: {device}  jax {header['jax']}  "
+           f"dtype {header['dtype']}  D={header['head_dim']}  B={header['batch']}  "
+           f"blocks: {header['block_sizes']}", ""]
   table = []
   for r in rows:
-    num = lambda key, fmt="{:.2f}": fmt.format(r[key]) if key in r else "-"
+    num = lambda key: f"{r[key]:.2f}" if key in r else "-"
     ratio = lambda other: (f"{r[f'fwd_vs_{other}']:.2f}/{r[f'fwd_bwd_vs_{other}']:.2f}"
                            if f"fwd_vs_{other}" in r else "-")
+    compile_s = (f"{r['compile_fwd_s']:.1f}/{r['compile_fwd_bwd_s']:.1f}"
+                 if "compile_fwd_s" in r else "-")
     table.append((str(r["seq"]), str(r["heads"]), r["impl"], num("fwd_ms"), num("fwd_tflops"),
                   num("fwd_bwd_ms"), num("fwd_bwd_tflops"), ratio("cudnn"), ratio("xla"),
-                  "" if r["status"] == "ok" else r["status"]))
+                  compile_s, "" if r["status"] == "ok" else r["status"]))
   widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
   fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
   lines += [fmt(cols), fmt(["-" * w for w in widths])] + [fmt(t) for t in table]
-  lines.append("ratios: speed-up of flash (fwd/fwd+bwd); FLOPs: fwd 4BHS^2D, fwd+bwd 3.5x")
+  lines.append("vs: flash speed over theirs, fwd/fwd+bwd (>1: flash faster); compile: fwd/fwd+bwd;"
+               " FLOPs: fwd 4*B*H*S^2*D, fwd+bwd 3.5x (FA2)")
   return "\n".join(lines)
 
 
@@ -165,18 +189,21 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   if FLAGS.smoke:
-    seqs, heads, head_dim, dtype, reps = (256, 384), (2,), 64, jnp.float32, 2
+    seqs, heads, head_dim, dtype, reps = (SMOKE[k] for k in ("seqs", "heads", "head_dim",
+                                                             "dtype", "reps"))
   else:
     seqs, heads = [int(s) for s in FLAGS.seq], [int(h) for h in FLAGS.heads]
-    head_dim, dtype, reps = FLAGS.head_dim, jnp.dtype(FLAGS.dtype), FLAGS.reps
+    head_dim, dtype, reps = FLAGS.head_dim, FLAGS.dtype, FLAGS.reps
+  dtype = jnp.dtype(dtype)
   block_sizes = parse_block_sizes(FLAGS.block_sizes)
   device = jax.devices()[0]
   if device.platform == "cpu":
-    print("warning: CPU runs the Pallas kernel in interpret mode; these times are not "
+    print("warning: on CPU the Pallas kernel runs in interpret mode; these times are not "
           "kernel performance")
   header = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
-                dtype=jnp.dtype(dtype).name, head_dim=head_dim, batch=FLAGS.batch,
-                block_sizes=block_sizes or "tuning table",
+                dtype=dtype.name, head_dim=head_dim, batch=FLAGS.batch, reps=reps,
+                block_sizes=block_sizes or f"tuning table {kernels.device_key()!r}",
+                flops="fwd 4*B*H*Sq*Skv*D; fwd+bwd 3.5x fwd (FlashAttention-2)",
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
   rows = run(seqs, heads, head_dim, FLAGS.batch, dtype, block_sizes, reps)
   print(format_table(header, rows))
@@ -193,8 +220,8 @@ def define_flags():
   flags.DEFINE_integer("batch", 1, "batch size")
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "input dtype")
   flags.DEFINE_list("block_sizes", [], "flash block sizes as name=value (default: tuning table)")
-  flags.DEFINE_integer("reps", 10, "timed repetitions per measurement")
-  flags.DEFINE_string("json", "kernels_bench.json", "where to write the rows")
+  flags.DEFINE_integer("reps", 10, "timed repetitions per measurement (the median is reported)")
+  flags.DEFINE_string("json", "kernels_bench.json", "where to write the header and rows")
   flags.DEFINE_bool("smoke", False, "tiny float32 shapes, seconds on CPU (for tests)")
 
 
