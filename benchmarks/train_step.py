@@ -1,7 +1,7 @@
 """Train-step benchmark for any config on whatever devices exist (CPU, GPU, TPU). Not a test.
 
   python benchmarks/train_step.py --config=configs/wan21_t2v.py:1.3b --config.ici_fsdp=8 \
-      --steps=10 --warmup=3
+      --config.hardware=gpu --steps=10 --warmup=3
 
 Prints compile time, step time, tokens/s, TFLOP/s per device (3 x forward FLOPs, remat
 recomputation not counted), MFU where the device's peak is known, and peak device memory.
@@ -25,13 +25,13 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import jax
-  from wan import data, metrics, train, transformer
+  from wan import data, metrics, plan as plan_lib, train, transformer
 
   c = _CONFIG.value
-  run = train.setup(c)
-  plan = run.plan
+  plan = plan_lib.make(c, plan_lib.Devices.of(jax.devices()))
+  run = train.setup(plan)
   state = train.init_state(run)
-  it = data.make(c, plan, run.mesh)
+  it = data.make(plan, run.mesh)
   step = train.make_step(run)
   with jax.set_mesh(run.mesh):
     batch = next(it)
@@ -57,7 +57,7 @@ def main(argv):
   peak_mem = max((m.get("peak_bytes_in_use", 0) for m in mem), default=0)
   print(f"devices          {devices} x {jax.devices()[0].device_kind} (jax {jax.__version__})")
   print(f"mesh             {dict(run.mesh.shape)}")
-  print(f"model            {c.model_preset if not c.pretrained_model_name_or_path else 'ckpt'}"
+  print(f"model            {plan.weights or c.model_preset} ({plan.family.name})"
         f", {plan.seq_len} tokens/sample, global batch {plan.global_batch}")
   print(f"compile          {compile_s:.1f} s")
   print(f"step time        {step_s * 1e3:.1f} ms")

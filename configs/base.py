@@ -2,7 +2,8 @@
 train_wan.py (docs/config.md maps each seed parameter to its field here).
 
 Model config files (wan21_t2v.py, ...) start from `get_config()` and set the model fields and
-variants; anything can be overridden on the command line: --config.learning_rate=1e-4.
+variants; anything can be overridden on the command line: --config.learning_rate=1e-4. List
+fields are tuples: --config.names_which_can_be_saved=attn_output,ffn_activation.
 """
 
 import ml_collections
@@ -13,16 +14,18 @@ def get_config():
 
   # Run.
   c.run_name = "wan"
-  c.output_dir = "out"  # local path or bucket (gs://...); outputs under {output_dir}/{run_name}/
+  # Local path (relative to the working directory, ~ allowed) or bucket (gs://...); outputs go
+  # under {output_dir}/{run_name}/.
+  c.output_dir = "out"
 
   # Model. An empty pretrained path trains from a random init of `model_preset`.
   c.pretrained_model_name_or_path = ""
   c.transformer_pretrained_model_name_or_path = ""  # overrides the model's transformer/
   c.model_name = "wan2.1"  # wan2.1 | wan2.2
   c.model_type = "T2V"  # T2V | I2V
-  c.model_preset = "wan2.1-t2v-14b"  # a wan.transformer.PRESETS name (architecture)
+  c.model_preset = "wan2.1-t2v-14b"  # a wan.transformer.PRESETS name: architecture and family
   c.expert = "high_noise"  # Wan 2.2 A14B: which expert this run trains (high_noise | low_noise)
-  c.boundary = 0.0  # A14B: sigma where the experts hand over (0 = the preset's)
+  c.boundary = 0.0  # A14B: sigma where the experts hand over (0 = model_index.json's / family's)
   c.weights_dtype = "bfloat16"
   c.activations_dtype = "bfloat16"
   c.precision = "DEFAULT"  # DEFAULT | HIGH | HIGHEST
@@ -68,8 +71,8 @@ def get_config():
 
   # Gradient checkpointing (remat).
   c.remat_policy = "NONE"  # NONE | FULL | MATMUL_WITHOUT_BATCH | OFFLOAD_MATMUL_WITHOUT_BATCH | CUSTOM
-  c.names_which_can_be_saved = []
-  c.names_which_can_be_offloaded = []
+  c.names_which_can_be_saved = ()
+  c.names_which_can_be_offloaded = ()
   c.dropout = 0.0
 
   # Data.
@@ -87,7 +90,7 @@ def get_config():
   c.num_frames = 81
   c.max_sequence_length = 512
   c.enable_data_shuffling = True
-  c.synthetic_num_samples = None  # None = infinite
+  c.synthetic_num_samples = ml_collections.config_dict.placeholder(int)  # None = infinite
   c.synthetic_override_height = 0  # 0 = use height
   c.synthetic_override_width = 0
   c.synthetic_override_num_frames = 0
@@ -95,7 +98,7 @@ def get_config():
 
   # Parallelism: mesh axes data, fsdp, context, tensor; -1 fills the remaining devices.
   c.hardware = "tpu"  # tpu | gpu | cpu
-  c.mesh_axes = ["data", "fsdp", "context", "tensor"]
+  c.mesh_axes = ("data", "fsdp", "context", "tensor")
   c.dcn_data = -1  # data parallel across slices/hosts (1 on a single host)
   c.dcn_fsdp = 1
   c.dcn_context = 1
@@ -123,14 +126,14 @@ def get_config():
   c.eval_data_dir = ""
   c.enable_generate_video_for_eval = False
   c.timestep_eval = False
-  c.timesteps_list = [125, 250, 375, 500, 625, 750, 875]
+  c.timesteps_list = (125, 250, 375, 500, 625, 750, 875)
   c.num_eval_samples = 420
   c.eval_max_number_of_samples_in_bucket = 60
   c.enable_ssim = False
 
   # Metrics and logging.
   c.write_metrics = True
-  c.gcs_metrics = False  # metrics go wherever output_dir is (local or bucket)
+  c.gcs_metrics = False  # must be True exactly when output_dir is a bucket (metrics go there)
   c.tensorboard_flush_period = 10  # steps
   c.log_every = 1
 
@@ -150,8 +153,8 @@ def get_config():
   # LoRA (not implemented yet).
   c.enable_lora = False
   c.lora_config = ml_collections.ConfigDict(dict(
-      rank=[64], lora_model_name_or_path=[], weight_name=[], adapter_name=[], scale=[1.0],
-      from_pt=[]))
+      rank=(64,), lora_model_name_or_path=(), weight_name=(), adapter_name=(), scale=(1.0,),
+      from_pt=()))
 
   # Quantization (not implemented yet).
   c.quantization = ""
@@ -182,8 +185,10 @@ def for_model(variant: str, variants: dict, run_name: str, **fields):
   preset, overrides = _preset(variants[variant if variant != "tiny" else names[0]])
   c.model_preset = preset
   if variant == "tiny":
-    return tiny(c)
-  c.update(overrides)
+    tiny(c)
+  else:
+    c.update(overrides)
+  c.lock()  # a misspelt field is an error, not a new field
   return c
 
 
@@ -208,7 +213,31 @@ def tiny(c):
   c.global_batch_size = 2
   c.ici_fsdp = -1
   c.attention = "dot_product"  # the Pallas kernels run interpreted (slowly) on CPU
-  c.flash_min_seq_length = 0
+  c.flash_min_seq_length = 0  # so that attention=flash runs the kernel on the tiny videos
   c.checkpoint_every = 20
   c.mask_padding_tokens = True
   return c
+
+
+# MaxDiffusion's names for fields that exist here under another name (or not at all), so that
+# a user's MaxDiffusion command line gets told what to write instead: name -> (ours, note).
+MAXDIFFUSION_NAMES = {
+    **{f"{kind}_{axis}_parallelism": (f"{kind}_{axis}", "")
+       for kind in ("ici", "dcn") for axis in ("data", "fsdp", "context", "tensor")},
+    "base_output_directory": ("output_dir", "a local path or gs:// bucket"),
+    "log_period": ("tensorboard_flush_period", "steps between flushes of the metrics files"),
+    "wan_transformer_pretrained_model_name_or_path": ("transformer_pretrained_model_name_or_path",
+                                                      ""),
+    "enable_eval_timesteps": ("timestep_eval", "timestep-bucketed evaluation"),
+    "metrics_file": ("", "metrics are always {output_dir}/{run_name}/metrics.jsonl"),
+    "save_config_to_gcs": ("", "the plan summary is printed at the start of each run"),
+    "jit_initializers": ("", "parameters are always initialised by one jitted, sharded program"),
+    "skip_jax_distributed_system": ("", "single-process runs never join a cluster; multi-host "
+                                    "runs set coordinator_address or are auto-detected"),
+    "logical_axis_rules": ("", "the rule table is wan/sharding.py's RULES"),
+    "allow_split_physical_axes": ("", "meshes come from jax.experimental.mesh_utils"),
+    "max_train_samples": ("", "use max_train_steps, or synthetic_num_samples with "
+                          "num_train_epochs"),
+    "cache_latents_text_encoder_outputs": ("load_tfrecord_cached", "records hold latents and "
+                                           "text states"),
+}

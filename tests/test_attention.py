@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import wan21_i2v, wan21_t2v
-from wan import attention, data, train
+from wan import attention, data, plan, train
 
 P = jax.P
 
@@ -139,7 +139,7 @@ def test_cudnn_on_cpu_is_refused_before_any_work():
   c = wan21_t2v.get_config("tiny")
   c.attention = "cudnn_flash_te"
   with pytest.raises(ValueError, match="cudnn_flash_te runs cuDNN flash attention on NVIDIA"):
-    train.setup(c, jax.devices()[:1])
+    plan.make(c, jax.devices()[:1])
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
@@ -157,10 +157,10 @@ def _loss_and_grads(module, attn, devices, **overrides):
   c = module.get_config("tiny")
   c.update(checkpoint_every=-1, write_metrics=False, global_batch_size=4, precision="HIGHEST",
            attention=attn, **overrides)
-  run = train.setup(c, devices)
+  run = train.setup(plan.make(c, devices), devices)
   state = train.init_state(run)
-  batch = next(data.make(c, run.plan, run.mesh))
-  fn = jax.value_and_grad(lambda p: train.loss_fn(p, batch, jax.random.key(3), run),
+  batch = next(data.make(run.plan, run.mesh))
+  fn = jax.value_and_grad(lambda p: train.loss_fn(p, batch, jax.random.key(3), run.plan),
                           has_aux=True)
   with jax.set_mesh(run.mesh):
     (loss, _), grads = jax.jit(fn)(state["params"])
@@ -199,5 +199,5 @@ def test_model_trains_with_ring_like_dot_product():
     c = wan21_t2v.get_config("tiny")
     c.update(checkpoint_every=-1, write_metrics=False, max_train_steps=2, ici_fsdp=-1,
              ici_context=4, attention=attn, activations_dtype="bfloat16")
-    losses[attn] = train.train(c)
+    losses[attn] = train.train(plan.make(c, jax.devices()))
   np.testing.assert_allclose(losses["ring"], losses["dot_product"], rtol=2e-2)

@@ -6,16 +6,16 @@ import numpy as np
 import pytest
 
 from configs import wan21_i2v, wan21_t2v
-from wan import config, data, sharding
+from wan import data, plan as plan_lib, sharding
 
 
 def _data(module=wan21_t2v, devices=8, **overrides):
   c = module.get_config("tiny")
   c.global_batch_size = 8
   c.update(overrides)
-  plan = config.plan(c, devices)
+  plan = plan_lib.make(c, jax.devices()[:devices])
   mesh = sharding.make_mesh(plan.ici, plan.dcn, jax.devices()[:devices])
-  return c, plan, mesh, data.make(c, plan, mesh)
+  return c, plan, mesh, data.make(plan, mesh)
 
 
 def test_batches_are_global_sharded_and_restorable():
@@ -61,4 +61,15 @@ def test_unimplemented_dataset_types_fail_in_validation():
   c = wan21_t2v.get_config("tiny")
   c.dataset_type = "tfrecord"
   with pytest.raises(NotImplementedError, match="dataset_type='tfrecord' is not implemented"):
-    config.plan(c, 8)
+    plan_lib.make(c, jax.devices())
+
+
+def test_batch_layout_is_declared_once():
+  _, plan, mesh, it = _data(wan21_i2v)
+  batch = next(it)
+  abstract = data.batch.abstract(plan, mesh)
+  assert set(batch) == set(abstract) == {"latents", "text", "text_mask", "cond", "cond_mask",
+                                         "image"}
+  for k, a in abstract.items():
+    assert batch[k].shape == a.shape and batch[k].dtype == a.dtype, k
+    assert batch[k].sharding.is_equivalent_to(a.sharding, len(a.shape)), k

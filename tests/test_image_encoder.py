@@ -11,8 +11,9 @@ import pytest
 
 from tests.conftest import GOLDEN_DIR
 from wan import image_encoder
-from wan import safetensors_io
 from wan import sharding
+from wan.errors import CheckpointError
+from wan.weights import safetensors
 
 MODEL_DIR = os.path.join(GOLDEN_DIR, "clip_tiny")
 
@@ -77,7 +78,7 @@ def test_sharded_encode_equals_unsharded(golden, loaded):
                             {"data": 1, "fsdp": 1, "context": 1, "tensor": 1})
   with jax.set_mesh(mesh):
     placed = jax.device_put(params, image_encoder.shardings(cfg, mesh))
-    assert placed["layers"]["fc1"].sharding.spec == jax.P(None, "fsdp", "tensor")
+    assert placed["layers"]["fc1"]["kernel"].sharding.spec == jax.P(None, "fsdp", "tensor")
     out = encode(placed, cfg, images)
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
@@ -100,28 +101,39 @@ def test_load_with_vision_model_prefix(tmp_path, loaded):
 
 
 def _write_modified(tmp_path, edit):
-  tensors = dict(safetensors_io.load_file(os.path.join(MODEL_DIR, "model.safetensors")))
+  tensors = dict(safetensors.read_file(os.path.join(MODEL_DIR, "model.safetensors")))
   edit(tensors)
-  safetensors_io.save_file(tensors, str(tmp_path / "model.safetensors"))
+  safetensors.write_file(tmp_path / "model.safetensors", tensors)
   shutil.copy(os.path.join(MODEL_DIR, "config.json"), tmp_path / "config.json")
   return str(tmp_path)
 
 
 def test_missing_tensor_is_named(tmp_path):
   name = "encoder.layers.1.self_attn.k_proj.bias"
-  with pytest.raises(KeyError, match=re.escape(name)):
+  with pytest.raises(CheckpointError, match="missing tensor " + re.escape(name)):
     image_encoder.load(_write_modified(tmp_path, lambda t: t.pop(name)))
 
 
 def test_wrong_shape_is_named(tmp_path):
   name = "embeddings.patch_embedding.weight"
   path = _write_modified(tmp_path, lambda t: t.update({name: np.zeros((32, 3, 8, 8), np.float32)}))
-  with pytest.raises(ValueError, match=re.escape(name) + r".*\(32, 3, 8, 8\)"):
+  with pytest.raises(CheckpointError, match=re.escape(name) + r".*\(32, 3, 8, 8\)"):
     image_encoder.load(path)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
   name = "encoder.layers.3.mlp.fc1.bias"
   path = _write_modified(tmp_path, lambda t: t.update({name: np.zeros(64, np.float32)}))
-  with pytest.raises(ValueError, match=re.escape(name)):
+  with pytest.raises(CheckpointError, match="unexpected tensor " + re.escape(name)):
     image_encoder.load(path)
+
+
+def test_unused_tensors_of_a_full_clip_model_are_ignored(tmp_path, loaded):
+  # CLIPVisionModelWithProjection under vision_model.: post norm, position ids and projection.
+  def edit(t):
+    t.update({"vision_model." + n: t.pop(n) for n in list(t)})
+    t["vision_model.post_layernorm.weight"] = np.ones(32, np.float32)
+    t["vision_model.embeddings.position_ids"] = np.arange(17)[None]
+    t["visual_projection.weight"] = np.zeros((8, 32), np.float32)
+  _, params = image_encoder.load(_write_modified(tmp_path, edit))
+  jax.tree.map(np.testing.assert_array_equal, params, loaded[1])

@@ -27,6 +27,37 @@ def test_writer_console_jsonl_and_tensorboard(tmp_path, capsys):
   assert [e.value for e in acc.Scalars("loss")] == [0.5, 0.25]
 
 
+def test_non_finite_values_are_json_null_and_eta_skips_the_first_step(tmp_path, capsys):
+  w = metrics.Writer(str(tmp_path), total_steps=3, flush_every=1)
+  for step, loss in ((1, float("nan")), (2, 0.5), (3, float("inf"))):
+    w.write(step, {"loss": loss, "learning_rate": 1e-4, "step_time": 0.1})
+  w.close()
+  text = open(tmp_path / "metrics.jsonl").read()
+  assert "NaN" not in text and "Infinity" not in text
+  records = [json.loads(l) for l in text.splitlines()]  # strict JSON
+  assert [r["loss"] for r in records] == [None, 0.5, None]
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].endswith("ETA --") and not lines[1].endswith("ETA --")
+
+
+def test_resumed_writer_drops_rows_after_the_checkpoint(tmp_path):
+  w = metrics.Writer(str(tmp_path), total_steps=6, flush_every=1)
+  for step in range(1, 6):  # an interrupted run logged 5 steps; its last checkpoint is step 3
+    w.write(step, {"loss": float(step), "learning_rate": 1e-4, "step_time": 0.1})
+  w.close()
+  w = metrics.Writer(str(tmp_path), total_steps=6, flush_every=1, first_step=3)
+  for step in range(4, 7):
+    w.write(step, {"loss": 10.0 + step, "learning_rate": 1e-4, "step_time": 0.1})
+  w.close()
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+  assert [r["loss"] for r in records] == [1.0, 2.0, 3.0, 14.0, 15.0, 16.0]
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  acc.Reload()  # the session start at step 3 purges the old 4 and 5
+  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0), (6, 16.0)]
+
+
 def test_peak_table():
   assert metrics.peak_tflops(types.SimpleNamespace(device_kind="TPU v5p")) == 459.0
   assert metrics.peak_tflops(types.SimpleNamespace(device_kind="TPU v5 lite")) == 197.0

@@ -41,3 +41,9 @@ def test_two_processes_match_one(tmp_path):
   for a, b in zip(got, want):
     assert abs(a - b) <= 1e-5 * abs(b), (got, want)
   assert os.listdir(os.path.join(multi, "wan21_t2v_tiny", "checkpoints")) == ["3"]
+  # Both processes resume from the checkpoint; process 0 alone says so.
+  procs = [_start(multi, 2, f"--config.coordinator_address=localhost:{port + 1}",
+                  "--config.num_processes=2", f"--config.process_id={i}") for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs
+  assert "".join(outputs).count("resumed from step 3") == 1, outputs

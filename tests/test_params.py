@@ -14,6 +14,15 @@ DECLS = {
 }
 
 
+def test_placements_report_bytes_and_what_stays_whole():
+  mesh = dict(data=1, fsdp=3, context=1, tensor=1)  # 3 divides neither 16 nor 32
+  placed = {r.path: r for r in params.placements(DECLS, mesh, jnp.bfloat16)}
+  assert placed["proj/w"].unplaced == ("fsdp",) and placed["proj/w"].nbytes == 16 * 32 * 2
+  assert placed["norm"].unplaced == () and placed["norm"].nbytes == 16 * 4  # pinned float32
+  assert placed["proj/w"].per_device_bytes(mesh) == 16 * 32 * 2
+  assert params.nbytes(DECLS, jnp.bfloat16) == (16 * 32 + 32) * 2 + 16 * 4
+
+
 def test_init_matches_declared_shapes_and_dtypes():
   p = params.init(DECLS, jax.random.key(0), jnp.bfloat16)
   assert p["proj"]["w"].shape == (16, 32) and p["proj"]["w"].dtype == jnp.bfloat16
@@ -57,8 +66,9 @@ def test_shardings_follow_rule_table_on_fake_devices():
                             dict(data=1, fsdp=1, context=1, tensor=1))
   specs = params.partition_specs(params.stack(DECLS, 3), mesh)
   assert specs["proj"]["w"] == jax.P(None, "fsdp", "tensor")
-  assert specs["proj"]["b"] == jax.P(None, "tensor")
-  assert specs["norm"] == jax.P(None, None)
+  # A stacked bias names no fsdp axis, but is an FSDP parameter: split along its largest dim.
+  assert specs["proj"]["b"] == jax.P(None, ("tensor", "fsdp"))
+  assert specs["norm"] == jax.P(None, None)  # no sharded logical axis: replicated
   placed = jax.jit(lambda k: params.init(DECLS, k),
                    out_shardings=params.shardings(DECLS, mesh))(jax.random.key(0))
   assert placed["proj"]["w"].sharding.spec == jax.P("fsdp", "tensor")

@@ -47,3 +47,18 @@ def test_constrain_is_noop_without_mesh_and_shards_with_one():
     y = jax.jit(lambda x: sharding.constrain(x + 1, ("batch", "length", "act_embed")))(x)
   assert y.sharding.spec == jax.P("fsdp", "context")
   np.testing.assert_array_equal(y, x + 1)
+
+
+def test_param_spec_moves_fsdp_to_a_dimension_it_divides():
+  sizes = dict(data=1, fsdp=3, context=1, tensor=2)
+  # "embed" (32) is not divisible by 3: fsdp goes to the largest dim it divides (48), never to
+  # the scanned layers axis (the first, 6).
+  spec, left = sharding.param_spec(("layers", "embed", "mlp"), (6, 32, 48), sizes)
+  assert spec == jax.P(None, None, ("tensor", "fsdp")) and left == ()
+  spec, left = sharding.param_spec(("layers", "embed", None), (6, 32, 20), sizes)
+  assert spec == jax.P(None, None, None) and left == ("fsdp",)  # nowhere: reported
+  # A parameter without logical axes stays replicated by declaration (the VAE's).
+  assert sharding.param_spec((None, None), (30, 30), sizes) == (jax.P(None, None), ())
+  # Activations keep dropping what does not divide, silently and on purpose.
+  assert sharding.spec(("batch", "length"), (6, 32), dict(data=4, fsdp=1, context=1,
+                                                          tensor=1)) == jax.P(None, None)

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import GOLDEN_DIR
-from wan import safetensors_io
 from wan import sharding
 from wan import text_encoder
+from wan.errors import CheckpointError
+from wan.weights import safetensors
 
 MODEL_DIR = os.path.join(GOLDEN_DIR, "umt5_tiny")
 TOKENIZER_DIR = os.path.join(GOLDEN_DIR, "spiece_tiny")
@@ -64,7 +65,7 @@ def test_sharded_encode_equals_unsharded(golden, loaded):
                             {"data": 1, "fsdp": 1, "context": 1, "tensor": 1})
   with jax.set_mesh(mesh):
     placed = jax.device_put(params, text_encoder.shardings(cfg, mesh))
-    assert placed["layers"]["q"].sharding.spec == jax.P(None, "fsdp", "tensor", None)
+    assert placed["layers"]["q"]["kernel"].sharding.spec == jax.P(None, "fsdp", "tensor", None)
     out = encode(placed, cfg, ids, mask)
   np.testing.assert_allclose(np.asarray(out), np.asarray(expected), rtol=1e-5, atol=1e-5)
 
@@ -80,9 +81,9 @@ def test_load_from_diffusers_root(tmp_path, loaded):
 
 
 def _write_modified(tmp_path, edit):
-  tensors = dict(safetensors_io.load_file(os.path.join(MODEL_DIR, "model.safetensors")))
+  tensors = dict(safetensors.read_file(os.path.join(MODEL_DIR, "model.safetensors")))
   edit(tensors)
-  safetensors_io.save_file(tensors, str(tmp_path / "model.safetensors"))
+  safetensors.write_file(tmp_path / "model.safetensors", tensors)
   shutil.copy(os.path.join(MODEL_DIR, "config.json"), tmp_path / "config.json")
   return str(tmp_path)
 
@@ -90,19 +91,45 @@ def _write_modified(tmp_path, edit):
 def test_missing_tensor_is_named(tmp_path):
   name = "encoder.block.1.layer.1.DenseReluDense.wi_1.weight"
   path = _write_modified(tmp_path, lambda t: t.pop(name))
-  with pytest.raises(KeyError, match=re.escape(name)):
+  with pytest.raises(CheckpointError, match="missing tensor " + re.escape(name)):
     text_encoder.load(path, tokenizer_path=TOKENIZER_DIR)
 
 
 def test_wrong_shape_is_named(tmp_path):
   name = "encoder.block.2.layer.0.SelfAttention.relative_attention_bias.weight"
   path = _write_modified(tmp_path, lambda t: t.update({name: np.zeros((16, 4), np.float32)}))
-  with pytest.raises(ValueError, match=re.escape(name) + r".*\(16, 4\)"):
+  with pytest.raises(CheckpointError, match=re.escape(name) + r".*\(16, 4\)"):
     text_encoder.load(path, tokenizer_path=TOKENIZER_DIR)
 
 
 def test_unexpected_tensor_is_named(tmp_path):
   path = _write_modified(tmp_path, lambda t: t.update(
       {"encoder.block.3.layer.0.layer_norm.weight": np.ones(32, np.float32)}))
-  with pytest.raises(ValueError, match=r"encoder\.block\.3\.layer\.0\.layer_norm\.weight"):
+  with pytest.raises(CheckpointError,
+                     match=r"unexpected tensor encoder\.block\.3\.layer\.0\.layer_norm\.weight"):
     text_encoder.load(path, tokenizer_path=TOKENIZER_DIR)
+
+
+def test_encoder_decoder_checkpoint_loads_the_encoder(tmp_path, loaded):
+  # UMT5ForConditionalGeneration files: tied embed_tokens copies, decoder and LM head, all unused.
+  def edit(t):
+    t["encoder.embed_tokens.weight"] = t["shared.weight"]
+    t["decoder.block.0.layer.0.layer_norm.weight"] = np.ones(32, np.float32)
+    t["lm_head.weight"] = t["shared.weight"]
+  _, params, _ = text_encoder.load(_write_modified(tmp_path, edit), tokenizer_path=TOKENIZER_DIR,
+                                   precision="HIGHEST")
+  jax.tree.map(np.testing.assert_array_equal, params, loaded[1])
+
+
+def test_all_problems_are_reported_together(tmp_path):
+  def edit(t):
+    t.pop("encoder.final_layer_norm.weight")
+    t["encoder.block.0.layer.0.SelfAttention.q.weight"] = np.zeros((3, 3), np.float32)
+    t["encoder.extra.weight"] = np.zeros(2, np.float32)
+  with pytest.raises(CheckpointError) as e:
+    text_encoder.load(_write_modified(tmp_path, edit), tokenizer_path=TOKENIZER_DIR)
+  message = str(e.value)
+  assert str(tmp_path) in message and "3 problem(s)" in message
+  assert "missing tensor encoder.final_layer_norm.weight (expected shape (32,))" in message
+  assert "SelfAttention.q.weight has shape (3, 3), expected (32, 32)" in message
+  assert "unexpected tensor encoder.extra.weight" in message

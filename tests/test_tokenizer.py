@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import GOLDEN_DIR
 from wan import tokenizer as tokenizer_lib
+from wan.errors import CheckpointError
 
 SPM_DIR = os.path.join(GOLDEN_DIR, "spiece_tiny")
 
@@ -47,3 +48,16 @@ def test_spiece_sentinel_count_follows_tokenizer_config(tmp_path):
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 0}))
   none = tokenizer_lib.load(str(tmp_path))
   assert none.backend.get_vocab_size() == 100 and none.backend.token_to_id("<extra_id_0>") is None
+
+
+def test_model_root_with_tokenizer_folder(tmp_path, golden):
+  shutil.copytree(SPM_DIR, tmp_path / "tokenizer")
+  ids, _ = tokenizer_lib.load(str(tmp_path))([str(t) for t in golden["texts"]], 16)
+  np.testing.assert_array_equal(ids, golden["ids_16"])
+
+
+def test_invalid_tokenizer_config_is_an_error_naming_the_file(tmp_path):
+  shutil.copy(os.path.join(SPM_DIR, "spiece.model"), tmp_path / "spiece.model")
+  (tmp_path / "tokenizer_config.json").write_text("{'extra_ids': 0}")
+  with pytest.raises(CheckpointError, match="tokenizer_config.json is not valid JSON"):
+    tokenizer_lib.load(str(tmp_path))

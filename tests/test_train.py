@@ -10,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
+import launch
 from configs import wan21_i2v, wan21_t2v, wan22_i2v, wan22_t2v, wan22_ti2v
-from wan import data, train
+from wan import checkpoint, conditioning, data, flow, plan, train, transformer
 
 
 def _tiny(module=wan21_t2v, **overrides):
@@ -23,10 +24,19 @@ def _tiny(module=wan21_t2v, **overrides):
   return c
 
 
+def _train(c, devices=None):
+  devices = jax.devices() if devices is None else devices
+  return train.train(plan.make(c, devices), devices)
+
+
+def _setup(c, devices):
+  return train.setup(plan.make(c, devices), devices)
+
+
 def _one_step(c, devices):
-  run = train.setup(c, devices)
+  run = _setup(c, devices)
   state = train.init_state(run)
-  batch = next(data.make(c, run.plan, run.mesh))
+  batch = next(data.make(run.plan, run.mesh))
   with jax.set_mesh(run.mesh):
     new, stats = train.make_step(run)(state, batch)
   return float(stats["loss"]), jax.device_get(new["params"])
@@ -53,18 +63,18 @@ def test_sharded_step_equals_single_device(single_device_step, mesh):
 @pytest.fixture
 def compilation_cache(tmp_path):
   """The three runs below compile the same programs: compile them once."""
-  train.use_compilation_cache(str(tmp_path / "jax_cache"))
+  launch.use_compilation_cache(str(tmp_path / "jax_cache"))
   yield
-  train.use_compilation_cache("")
+  launch.use_compilation_cache("")
 
 
 def test_interrupted_run_resumes_exactly(tmp_path, compilation_cache):
   common = dict(checkpoint_every=8, learning_rate_schedule_steps=6, warmup_steps_fraction=0.5,
                 caption_dropout=0.3, write_metrics=True)
-  full = train.train(_tiny(max_train_steps=6, output_dir=str(tmp_path / "full"), **common))
+  full = _train(_tiny(max_train_steps=6, output_dir=str(tmp_path / "full"), **common))
   part = str(tmp_path / "part")
-  first = train.train(_tiny(max_train_steps=4, output_dir=part, **common))
-  resumed = train.train(_tiny(max_train_steps=6, output_dir=part, **common))
+  first = _train(_tiny(max_train_steps=4, output_dir=part, **common))
+  resumed = _train(_tiny(max_train_steps=6, output_dir=part, **common))
   assert len(first) == 4 and len(resumed) == 2
   assert first + resumed == full  # bit-exact
   ckpts = sorted(os.listdir(os.path.join(part, "wan21_t2v_tiny", "checkpoints")))
@@ -76,8 +86,8 @@ def test_interrupted_run_resumes_exactly(tmp_path, compilation_cache):
 
 def test_overfits_one_fixed_batch():
   c = _tiny(disable_training_weights=True, global_batch_size=1)
-  run = train.setup(c, jax.devices()[:1])
-  batch = next(data.make(c, run.plan, run.mesh))
+  run = _setup(c, jax.devices()[:1])
+  batch = next(data.make(run.plan, run.mesh))
   key = jax.random.key(7)  # the same noise and timesteps every step
   tx = optax.adam(1e-2)
   p = train.init_state(run)["params"]
@@ -85,7 +95,7 @@ def test_overfits_one_fixed_batch():
 
   @jax.jit
   def step(p, opt):
-    loss, grads = jax.value_and_grad(lambda p: train.loss_fn(p, batch, key, run)[0])(p)
+    loss, grads = jax.value_and_grad(lambda p: train.loss_fn(p, batch, key, run.plan)[0])(p)
     updates, opt = tx.update(grads, opt)
     return optax.apply_updates(p, updates), opt, loss
 
@@ -100,16 +110,18 @@ def test_overfits_one_fixed_batch():
     (wan21_i2v, "I2V"), (wan22_i2v, "I2V"), (wan22_ti2v, "T2V"), (wan22_ti2v, "I2V")])
 # Wan 2.1 T2V: the tests above; Wan 2.2 A14B T2V: test_a14b_expert_trains_on_its_side_of_the_boundary.
 def test_every_variant_trains(module, model_type):
-  losses = train.train(_tiny(module, model_type=model_type, max_train_steps=2), jax.devices()[:2])
+  losses = _train(_tiny(module, model_type=model_type, max_train_steps=2), jax.devices()[:2])
   assert len(losses) == 2 and all(np.isfinite(losses))
 
 
 def test_first_frame_conditioning_keeps_frame_zero_clean():
   c = _tiny(wan22_ti2v, model_type="I2V")
-  run = train.setup(c, jax.devices()[:1])
-  batch = next(data.make(c, run.plan, run.mesh))
+  run = _setup(c, jax.devices()[:1])
+  batch = next(data.make(run.plan, run.mesh))
   x_t = jnp.zeros_like(batch["latents"])
-  x_in, t, frame_mask = train.model_inputs(run.plan, batch, x_t, jnp.array([0.5] * 4))
+  x_in, t, frame_mask = conditioning.model_inputs(
+      "first_frame", x_t, jnp.array([500.0] * 4), run.plan.model.patch_size,
+      conditioning.from_batch("first_frame", batch))
   np.testing.assert_array_equal(x_in[:, 0], batch["latents"][:, 0])
   np.testing.assert_array_equal(x_in[:, 1:], 0)
   tokens_per_frame = run.plan.seq_len // run.plan.latent_shape[0]
@@ -122,23 +134,120 @@ def test_first_frame_conditioning_keeps_frame_zero_clean():
                                                ("low_noise", 0.0, 0.875)])
 def test_a14b_expert_trains_on_its_side_of_the_boundary(expert, low, high):
   c = _tiny(wan22_t2v, expert=expert)
-  run = train.setup(c, jax.devices()[:1])
-  batch = next(data.make(c, run.plan, run.mesh))
+  run = _setup(c, jax.devices()[:1])
+  batch = next(data.make(run.plan, run.mesh))
   p = train.init_state(run)["params"]
-  sigma_of = jax.jit(lambda key: train.loss_fn(p, batch, key, run)[1])
+  sigma_of = jax.jit(lambda key: train.loss_fn(p, batch, key, run.plan)[1])
   sigmas = [float(s) for k in range(20) for s in sigma_of(jax.random.key(k))]
   assert low <= min(sigmas) and max(sigmas) <= high
 
 
 def test_i2v_model_input_layout():
   c = _tiny(wan21_i2v)
-  run = train.setup(c, jax.devices()[:1])
-  batch = next(data.make(c, run.plan, run.mesh))
+  run = _setup(c, jax.devices()[:1])
+  batch = next(data.make(run.plan, run.mesh))
   assert batch["image"].shape == (4, 257, run.plan.model.image_dim)
   x_t = jnp.full_like(batch["latents"], 3.0)
-  x_in, _, _ = train.model_inputs(run.plan, batch, x_t, jnp.array([0.5] * 4))
+  x_in, _, _ = conditioning.model_inputs("concat", x_t, jnp.array([500.0] * 4),
+                                         run.plan.model.patch_size,
+                                         conditioning.from_batch("concat", batch))
   assert x_in.shape[-1] == 36
   np.testing.assert_array_equal(x_in[..., :16], 3.0)  # noisy latents, then mask, then condition
   np.testing.assert_array_equal(x_in[:, 0, ..., 16:20], 1.0)
   np.testing.assert_array_equal(x_in[:, 1:, ..., 16:20], 0.0)
   np.testing.assert_array_equal(x_in[:, 0, ..., 20:], batch["latents"][:, 0])
+
+
+def _bell_numpy(sigma, s):
+  u = np.linspace(1.0, 0.0, 1000, endpoint=False)
+  y = np.exp(-2.0 * (s * u / (1 + (s - 1) * u) - 0.5) ** 2)
+  return (np.exp(-2.0 * (sigma - 0.5) ** 2) - y.min()) / (y - y.min()).mean()
+
+
+@pytest.mark.parametrize("module, model_type, bell", [
+    (wan21_t2v, "T2V", True), (wan21_i2v, "I2V", True), (wan22_ti2v, "I2V", False),
+    (wan22_i2v, "I2V", True)])
+def test_assembled_loss_matches_float64_numpy(module, model_type, bell):
+  """The loss the step optimises, against the same formula in float64 NumPy: x_t, the model
+  input (36-channel concat, or TI2V's clean first frame with timestep 0), the caption drop, the
+  velocity target, the first-frame loss mask and the bell weighting. The network itself is the
+  one shared piece (called on the NumPy-built input)."""
+  c = _tiny(module, model_type=model_type, precision="HIGHEST", disable_training_weights=not bell,
+            caption_dropout=0.5)
+  run = _setup(c, jax.devices()[:1])
+  p_ = run.plan
+  batch = jax.device_get(next(data.make(p_, run.mesh)))
+  params = jax.device_get(train.init_state(run)["params"])
+  rng = np.random.default_rng(0)
+  x0 = batch["latents"].astype(np.float64)
+  sigma = np.array([0.05, 0.3, 0.7, 0.95])
+  noise = rng.standard_normal(x0.shape)
+  drop = np.array([True, False, False, True])
+  got = train.flow_loss(params, batch, jnp.asarray(sigma, jnp.float32),
+                        jnp.asarray(noise, jnp.float32), p_, drop=jnp.asarray(drop))
+
+  s = sigma[:, None, None, None, None]
+  x_in = (1 - s) * x0 + s * noise
+  t = 1000.0 * sigma
+  frames = np.ones(x0.shape[1], bool)
+  if p_.conditioning == "concat":
+    x_in = np.concatenate([x_in, batch["cond_mask"], batch["cond"]], axis=-1)
+  elif p_.conditioning == "first_frame":
+    x_in[:, 0] = x0[:, 0]
+    per_frame = p_.seq_len // x0.shape[1]
+    t = t[:, None] * (np.arange(p_.seq_len) >= per_frame)
+    frames[0] = False
+  text = np.where(drop[:, None, None], 0.0, batch["text"])
+  mask = batch["text_mask"] | drop[:, None]
+  pred = np.asarray(transformer.forward(
+      params, p_.model, jnp.asarray(x_in, jnp.float32), jnp.asarray(t, jnp.float32),
+      jnp.asarray(text, jnp.float32), batch.get("image"), text_mask=jnp.asarray(mask),
+      options=p_.options), np.float64)
+  err = (pred - (noise - x0)) ** 2
+  per_sample = err[:, frames].mean(axis=(1, 2, 3, 4))
+  if bell:
+    per_sample = per_sample * _bell_numpy(sigma, p_.flow.shift)
+  want = per_sample.mean()
+  assert abs(float(got) - want) <= 1e-5 * abs(want), (float(got), want)
+
+
+def test_next_step_is_dispatched_before_metrics_are_read(monkeypatch):
+  """The host never waits between steps: step N+1 is queued before step N's stats are read
+  (except at a checkpoint, whose metrics are written before it)."""
+  events = []
+  make_step = train.make_step
+
+  def recording_make_step(run):
+    step_fn = make_step(run)
+
+    def dispatch(state, batch):
+      events.append(("dispatch", len([e for e in events if e[0] == "dispatch"])))
+      return step_fn(state, batch)
+    return dispatch
+
+  report = train._Reporter.__call__  # pylint: disable=protected-access
+  monkeypatch.setattr(train, "make_step", recording_make_step)
+  monkeypatch.setattr(train._Reporter, "__call__",  # pylint: disable=protected-access
+                      lambda self, step, stats: (events.append(("read", step)),
+                                                 report(self, step, stats)))
+  losses = _train(_tiny(max_train_steps=5), jax.devices()[:1])
+  assert len(losses) == 5
+  order = [e for e in events]
+  for n in range(4):
+    assert order.index(("dispatch", n + 1)) < order.index(("read", n)), order
+
+
+def test_metrics_are_on_disk_before_each_checkpoint(tmp_path, monkeypatch):
+  run_dir = tmp_path / "wan21_t2v_tiny"
+  seen = {}
+  save = checkpoint.Checkpointer.save
+
+  def checking_save(self, step, state, data_state):
+    rows = [json.loads(l) for l in open(run_dir / "metrics.jsonl")]
+    seen[step] = [r["step"] for r in rows]
+    return save(self, step, state, data_state)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, "save", checking_save)
+  _train(_tiny(max_train_steps=5, checkpoint_every=8, write_metrics=True,
+               tensorboard_flush_period=100, output_dir=str(tmp_path)), jax.devices()[:1])
+  assert seen == {2: [1, 2], 4: [1, 2, 3, 4], 5: [1, 2, 3, 4, 5]}

@@ -3,6 +3,7 @@ tools/golden/transformer.py), plus scan/loop, remat, dtype, sharding and FLOPs c
 
 import dataclasses
 import functools
+import json
 import os
 
 import jax
@@ -20,14 +21,18 @@ VARIANTS = ("t2v", "i2v", "ti2v")
 BF16_BOUND = 4e-2
 
 
+HIGHEST = T.Options(precision="HIGHEST")
+
+
 def _golden(name):
   cfg, p = T.load(os.path.join(GOLDEN_DIR, f"transformer_{name}"))
   g = dict(np.load(os.path.join(GOLDEN_DIR, f"transformer_{name}.npz")))
-  return dataclasses.replace(cfg, precision="HIGHEST"), p, g
+  return cfg, p, g
 
 
-def _run(p, cfg, g, **kw):
-  return np.asarray(T.forward(p, cfg, g["latents"], g["timestep"], g["text"], g.get("image"), **kw))
+def _run(p, cfg, g, options=HIGHEST, **kw):
+  return np.asarray(T.forward(p, cfg, g["latents"], g["timestep"], g["text"], g.get("image"),
+                              options=options, **kw))
 
 
 def _rel(a, b):
@@ -43,11 +48,10 @@ def test_matches_diffusers_float32(name):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_bfloat16_within_documented_bound(name):
   cfg, p, g = _golden(name)
-  cfg = dataclasses.replace(cfg, weights_dtype="bfloat16", activations_dtype="bfloat16",
-                            precision="DEFAULT")
+  opts = T.Options(weights_dtype="bfloat16", activations_dtype="bfloat16", precision="DEFAULT")
   p = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16) if a.dtype == np.float32 and a.ndim > 1
                    else a, p)
-  out = _run(p, cfg, g)
+  out = _run(p, cfg, g, opts)
   assert out.dtype == jnp.bfloat16
   err = _rel(out, g["output"])
   assert 1e-4 < err <= BF16_BOUND  # bf16 really ran (not silently float32) and stays close
@@ -63,13 +67,14 @@ def test_original_wan_layout_loads_same_params():
 def test_scan_and_loop_agree():
   cfg, p, g = _golden("t2v")
   scanned = _run(p, cfg, g)
-  looped = _run(p, dataclasses.replace(cfg, scan_layers=False), g)
+  looped = _run(p, cfg, g, dataclasses.replace(HIGHEST, scan_layers=False))
   np.testing.assert_allclose(scanned, looped, rtol=1e-6, atol=1e-6)
 
 
-def _grads(cfg, p, g):
+def _grads(cfg, p, g, options=HIGHEST):
   def loss(p):
-    out = T.forward(p, cfg, g["latents"], g["timestep"], g["text"], g.get("image"))
+    out = T.forward(p, cfg, g["latents"], g["timestep"], g["text"], g.get("image"),
+                    options=options)
     return jnp.mean(jnp.square(out - 0.1))
   return jax.jit(jax.grad(loss))(p)
 
@@ -86,8 +91,9 @@ def _reference_grads():
     ("CUSTOM", ("attn_output", "query_proj", "xq_out"), ("ffn_activation", "xk_out"))])
 def test_remat_policies_give_same_gradients(policy, saved, offloaded):
   cfg, p, g = _golden("t2v")
-  got = _grads(dataclasses.replace(cfg, remat_policy=policy, names_which_can_be_saved=saved,
-                                   names_which_can_be_offloaded=offloaded), p, g)
+  got = _grads(cfg, p, g, dataclasses.replace(HIGHEST, remat_policy=policy,
+                                              names_which_can_be_saved=saved,
+                                              names_which_can_be_offloaded=offloaded))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got,
                _reference_grads())
 
@@ -95,11 +101,11 @@ def test_remat_policies_give_same_gradients(policy, saved, offloaded):
 def test_bad_remat_names_fail():
   from wan import remat
   with pytest.raises(ValueError, match="unknown checkpoint names"):
-    dataclasses.replace(T.PRESETS["tiny-t2v"], names_which_can_be_saved=("qkv",))
+    T.Options(names_which_can_be_saved=("qkv",))
   with pytest.raises(ValueError, match="both saved and offloaded"):
     remat.policy("CUSTOM", saved=("key_proj",), offloaded=("key_proj",))
   with pytest.raises(ValueError, match="remat_policy='SOME'"):
-    dataclasses.replace(T.PRESETS["tiny-t2v"], remat_policy="SOME")
+    T.Options(remat_policy="SOME")
 
 
 def test_config_errors_say_what_to_change():
@@ -107,31 +113,42 @@ def test_config_errors_say_what_to_change():
   with pytest.raises(ValueError, match="added_kv_proj_dim=48 must equal the model dim"):
     dataclasses.replace(tiny, added_kv_proj_dim=48)
   with pytest.raises(ValueError, match="tuple of \\(name, size\\) pairs"):
-    dataclasses.replace(tiny, flash_block_sizes={"block_q": 512})
+    T.Options(flash_block_sizes={"block_q": 512})
   with pytest.raises(ValueError, match="attention_head_dim=15 must be even"):
     dataclasses.replace(tiny, attention_head_dim=15, added_kv_proj_dim=None, image_dim=None)
   with pytest.raises(ValueError, match="precision='FAST'"):
-    dataclasses.replace(tiny, precision="FAST")
-  hash(dataclasses.replace(tiny, flash_block_sizes=(("block_q", 512),)))  # a jit static arg
+    T.Options(precision="FAST")
+  hash(T.Options(flash_block_sizes=(("block_q", 512),)))  # a jit static arg
+  hash(tiny)
+
+
+def test_config_is_the_architecture_and_round_trips_diffusers_json():
+  """Config holds config.json's fields and nothing else; run options live in Options."""
+  cfg, _, _ = _golden("i2v")
+  raw = json.load(open(os.path.join(GOLDEN_DIR, "transformer_i2v", "config.json")))
+  assert T.Config.from_diffusers(raw) == cfg
+  assert cfg.to_diffusers() == {k: raw[k] for k in cfg.to_diffusers()}
+  assert set(cfg.to_diffusers()) == set(raw) - {"_class_name", "_diffusers_version"}
+  assert not set(f.name for f in dataclasses.fields(T.Options)) & set(raw)
 
 
 def test_dropout_only_with_rate_and_key():
   cfg, p, g = _golden("t2v")
   base = _run(p, cfg, g)
   np.testing.assert_array_equal(_run(p, cfg, g, dropout_rng=jax.random.key(0)), base)
-  drop = dataclasses.replace(cfg, dropout=0.3)
-  np.testing.assert_array_equal(_run(p, drop, g), base)  # no key: inference, no dropout
-  assert _rel(_run(p, drop, g, dropout_rng=jax.random.key(0)), base) > 1e-2
+  drop = dataclasses.replace(HIGHEST, dropout=0.3)
+  np.testing.assert_array_equal(_run(p, cfg, g, drop), base)  # no key: inference, no dropout
+  assert _rel(_run(p, cfg, g, drop, dropout_rng=jax.random.key(0)), base) > 1e-2
 
 
 def test_padding_mask_hides_padded_text_tokens():
   cfg, p, g = _golden("t2v")
-  cfg = dataclasses.replace(cfg, mask_padding_tokens=True)
+  masked = dataclasses.replace(HIGHEST, mask_padding_tokens=True)
   mask = np.ones(g["text"].shape[:2], bool)
   mask[:, 4:] = False
   garbage = dict(g, text=np.where(mask[..., None], g["text"], 50.0))
-  a = _run(p, cfg, g, text_mask=mask)
-  b = _run(p, cfg, garbage, text_mask=mask)
+  a = _run(p, cfg, g, masked, text_mask=mask)
+  b = _run(p, cfg, garbage, masked, text_mask=mask)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   assert _rel(a, _run(p, cfg, g)) > 1e-3  # the mask changed something
 
@@ -140,11 +157,12 @@ def test_sharded_forward_matches_unsharded():
   cfg, p, g = _golden("t2v")
   mesh = sharding.make_mesh(dict(data=1, fsdp=2, context=2, tensor=2),
                             dict(data=1, fsdp=1, context=1, tensor=1))
-  placed = jax.device_put(p, params.shardings(T.param_decls(cfg), mesh))
-  assert placed["blocks"]["self_attn"]["q"]["w"].sharding.spec == jax.P(None, "fsdp", "tensor")
+  placed = jax.device_put(p, T.shardings(cfg, mesh))
+  assert placed["blocks"]["self_attn"]["q"]["kernel"].sharding.spec == jax.P(None, "fsdp",
+                                                                             "tensor")
   with jax.set_mesh(mesh):
-    out = jax.jit(lambda p, *a: T.forward(p, cfg, *a))(placed, g["latents"], g["timestep"],
-                                                        g["text"])
+    out = jax.jit(lambda p, *a: T.forward(p, cfg, *a, options=HIGHEST))(
+        placed, g["latents"], g["timestep"], g["text"])
   np.testing.assert_allclose(np.asarray(out), _run(p, cfg, g), rtol=1e-5, atol=1e-5)
 
 
@@ -171,7 +189,8 @@ def test_flops_match_xla_cost_analysis(name, image_len, per_token):
   # Big enough that matmuls dominate, as in real models (the count leaves out elementwise work).
   image = dict(image_dim=128, added_kv_proj_dim=256) if image_len else {}
   cfg = dataclasses.replace(T.PRESETS[name], num_attention_heads=4, attention_head_dim=64,
-                            ffn_dim=1024, text_dim=256, freq_dim=256, scan_layers=False, **image)
+                            ffn_dim=1024, text_dim=256, freq_dim=256, **image)
+  unrolled = T.Options(scan_layers=False)
   b, f, h, w, text_len = 1, 3, 16, 16, 32
   seq = f * (h // 2) * (w // 2)
   args = [T.abstract(cfg), jax.ShapeDtypeStruct((b, f, h, w, cfg.in_channels), jnp.float32),
@@ -179,7 +198,7 @@ def test_flops_match_xla_cost_analysis(name, image_len, per_token):
           jax.ShapeDtypeStruct((b, text_len, cfg.text_dim), jnp.float32)]
   if image_len:
     args.append(jax.ShapeDtypeStruct((b, image_len, cfg.image_dim), jnp.float32))
-  compiled = jax.jit(lambda p, *a: T.forward(p, cfg, *a)).lower(*args).compile()
+  compiled = jax.jit(lambda p, *a: T.forward(p, cfg, *a, options=unrolled)).lower(*args).compile()
   cost = compiled.cost_analysis()
   xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
   ours = T.flops(cfg, b, f, h, w, text_len, image_len, per_token_timestep=per_token)
@@ -187,7 +206,7 @@ def test_flops_match_xla_cost_analysis(name, image_len, per_token):
 
 
 def test_presets_have_the_published_sizes():
-  counts = {n: params.count(T.param_decls(T.PRESETS[n])) / 1e9 for n in T.PRESETS
+  counts = {n: params.count(T.declarations(T.PRESETS[n])) / 1e9 for n in T.PRESETS
             if n.startswith("wan")}
   assert round(counts["wan2.1-t2v-1.3b"], 2) == 1.42
   assert round(counts["wan2.1-t2v-14b"], 1) == 14.3

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import GOLDEN_DIR
-from wan import safetensors_io
 from wan import transformer as T
-from wan import transformer_checkpoint as ckpt
+from wan.errors import CheckpointError, ConfigError, MissingFile
+from wan.weights import safetensors
+from wan.weights import transformer as W
 
 T2V = os.path.join(GOLDEN_DIR, "transformer_t2v")
 
@@ -32,8 +33,8 @@ def test_round_trip_keeps_params_and_diffusers_names(tmp_path):
   cfg2, p2 = T.load(str(tmp_path / "out"))
   assert cfg2 == cfg
   _equal(p, p2)
-  theirs = safetensors_io.load_dir(T2V, ckpt.STEM)
-  ours = safetensors_io.load_dir(str(tmp_path / "out"), ckpt.STEM)
+  theirs = safetensors.read_dir(T2V, W.STEM)
+  ours = safetensors.read_dir(tmp_path / "out", W.STEM)
   assert sorted(ours) == sorted(theirs)
   for k in theirs:
     np.testing.assert_array_equal(ours[k], theirs[k])
@@ -41,7 +42,7 @@ def test_round_trip_keeps_params_and_diffusers_names(tmp_path):
     want = json.load(f)
   with open(tmp_path / "out" / "config.json") as f:
     got = json.load(f)
-  for k in ckpt._DIFFUSERS_FIELDS:
+  for k in W.FIELDS:
     assert got[k] == want[k], k
 
 
@@ -68,7 +69,7 @@ def test_save_replaces_atomically_and_keeps_old_on_failure(tmp_path, monkeypatch
   T.save(tmp_path / "out", cfg, p)
   def broken(*args, **kwargs):
     raise OSError("disk full")
-  monkeypatch.setattr(safetensors_io, "save_dir", broken)
+  monkeypatch.setattr(safetensors, "write_dir", broken)
   with pytest.raises(OSError, match="disk full"):
     T.save(tmp_path / "out", cfg, jax.tree.map(lambda a: a * 0, p))
   _equal(T.load(str(tmp_path / "out"))[1], p)  # the earlier model is intact
@@ -78,29 +79,30 @@ def test_save_replaces_atomically_and_keeps_old_on_failure(tmp_path, monkeypatch
 def _copy_with(tmp_path, edit):
   out = tmp_path / "edited"
   shutil.copytree(T2V, out)
-  tensors = dict(safetensors_io.load_dir(str(out), ckpt.STEM))
+  tensors = dict(safetensors.read_dir(out, W.STEM))
   edit(tensors)
-  safetensors_io.save_file(tensors, str(out / "diffusion_pytorch_model.safetensors"))
+  safetensors.write_file(out / "diffusion_pytorch_model.safetensors", tensors)
   return str(out)
 
 
 def test_missing_tensor_is_named(tmp_path):
   path = _copy_with(tmp_path, lambda t: t.pop("blocks.1.ffn.net.2.weight"))
-  with pytest.raises(ValueError, match=r"missing tensor blocks\.1\.ffn\.net\.2\.weight"):
+  with pytest.raises(CheckpointError, match=r"missing tensor blocks\.1\.ffn\.net\.2\.weight"):
     T.load(path)
 
 
 def test_misshaped_tensor_is_named_with_expected_shape(tmp_path):
   def edit(t):
     t["proj_out.weight"] = np.zeros((3, 32), np.float32)
-  with pytest.raises(ValueError, match=r"proj_out\.weight has shape \(3, 32\), expected \(64, 32\)"):
+  with pytest.raises(CheckpointError,
+                     match=r"proj_out\.weight has shape \(3, 32\), expected \(64, 32\)"):
     T.load(_copy_with(tmp_path, edit))
 
 
 def test_unexpected_tensor_is_named(tmp_path):
   def edit(t):
     t["blocks.0.attn1.extra.weight"] = np.zeros((2,), np.float32)
-  with pytest.raises(ValueError, match=r"unexpected tensor blocks\.0\.attn1\.extra\.weight"):
+  with pytest.raises(CheckpointError, match=r"unexpected tensor blocks\.0\.attn1\.extra\.weight"):
     T.load(_copy_with(tmp_path, edit))
 
 
@@ -109,7 +111,7 @@ def test_corrupt_file_is_a_clear_error(tmp_path):
   shutil.copytree(T2V, out)
   with open(out / "diffusion_pytorch_model.safetensors", "r+b") as f:
     f.truncate(2000)
-  with pytest.raises(ValueError, match="truncated|corrupt"):
+  with pytest.raises(CheckpointError, match="truncated|corrupt"):
     T.load(str(out))
 
 
@@ -120,7 +122,20 @@ def test_a14b_root_picks_expert_directories(tmp_path):
   T.save(root / "transformer_2", cfg, jax.tree.map(lambda a: a + 1, p))
   _equal(T.load(str(root))[1], p)
   _equal(T.load(str(root), expert="low_noise")[1], jax.tree.map(lambda a: a + 1, p))
-  with pytest.raises(ValueError, match="expert='mid'"):
+  with pytest.raises(ConfigError, match="expert='mid'"):
     T.load(str(root), expert="mid")
-  with pytest.raises(FileNotFoundError, match="does not exist"):
+  with pytest.raises(MissingFile, match="does not exist"):
     T.load(str(tmp_path / "nowhere"))
+
+
+def test_prefixed_names_and_norm_added_q_load_the_same_params(tmp_path):
+  # ComfyUI-style files prefix every name; some diffusers files carry an unused norm_added_q.
+  def edit(t):
+    t.update({"model.diffusion_model." + n: t.pop(n) for n in list(t)})
+    t["blocks.0.attn2.norm_added_q.weight"] = np.ones(32, np.float32)
+  _equal(T.load(_copy_with(tmp_path, edit))[1], T.load(T2V)[1])
+
+
+def test_architecture_without_tensor_data_matches_load():
+  cfg, _ = T.load(T2V)
+  assert T.Config.from_diffusers(W.read_architecture(T2V)) == cfg

@@ -9,10 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import load_file, save_file
-
 from tests.conftest import GOLDEN_DIR
-from wan import sharding, vae, vae_checkpoint
+from wan import sharding, vae
+from wan.errors import CheckpointError
+from wan.weights import convert, safetensors
+from wan.weights import vae as vae_weights
 
 KINDS = ("wan21", "wan22")
 
@@ -140,9 +141,9 @@ def _write_variant(tmp_path, kind, edit):
   dst = tmp_path / kind
   dst.mkdir()
   shutil.copy(os.path.join(src, "config.json"), dst / "config.json")
-  tensors = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+  tensors = dict(safetensors.read_file(os.path.join(src, "diffusion_pytorch_model.safetensors")))
   edit(tensors)
-  save_file(tensors, str(dst / "diffusion_pytorch_model.safetensors"))
+  safetensors.write_file(dst / "diffusion_pytorch_model.safetensors", tensors)
   return dst
 
 
@@ -157,14 +158,14 @@ def test_load_accepts_model_root_with_vae_subdir(tmp_path):
 def test_load_errors_name_the_tensor(tmp_path):
   name = "decoder.up_blocks.1.resnets.0.conv1.weight"
   missing = _write_variant(tmp_path, "wan21", lambda t: t.pop(name))
-  with pytest.raises(ValueError, match=f"missing.*{name}.*expected shape"):
+  with pytest.raises(CheckpointError, match=f"missing.*{name}.*expected shape"):
     vae.load(str(missing))
 
   def reshape(t):
     t["encoder.down_blocks.0.resnets.0.conv1.weight"] = np.zeros((4, 4, 3, 3, 2), np.float16)
   wrong = _write_variant(tmp_path, "wan22", reshape)
-  with pytest.raises(ValueError, match=r"down_blocks.0.resnets.0.conv1.weight: shape \(4, 4, 3, "
-                                       r"3, 2\), expected \(4, 4, 3, 3, 3\)"):
+  with pytest.raises(CheckpointError, match=r"down_blocks.0.resnets.0.conv1.weight has shape "
+                                            r"\(4, 4, 3, 3, 2\), expected \(4, 4, 3, 3, 3\)"):
     vae.load(str(wrong))
 
 
@@ -196,28 +197,23 @@ def released_keys():
 def test_released_presets_match_diffusers_tensors(preset, released_keys):
   """Every tensor of the released diffusers checkpoints, by name and PyTorch shape."""
   cfg = vae.PRESETS[preset]
-  decls = vae.declarations(cfg)
-  ours = {}
-  for path, p in vae_checkpoint.param_paths(decls):
-    torch_shape = released_keys[preset].get(vae_checkpoint.checkpoint_name(path, cfg), [])
-    ours[vae_checkpoint.checkpoint_name(path, cfg)] = list(
-        vae_checkpoint.torch_shape(p.shape, len(torch_shape)))
-  assert ours == released_keys[preset]
+  shapes = vae_weights.tensor_shapes(vae.declarations(cfg), cfg)
+  assert {name: list(shape) for name, shape in shapes.items()} == released_keys[preset]
 
 
 def test_released_wan21_original_names(released_keys):
   cfg = vae.PRESETS["wan2.1"]
   diffusers_to_original = released_keys["wan2.1_original"]
-  for path, _ in vae_checkpoint.param_paths(vae.declarations(cfg)):
-    diffusers_name = vae_checkpoint.checkpoint_name(path, cfg)
-    assert vae_checkpoint.checkpoint_name(path, cfg, original=True) == (
+  for path, _ in convert.leaves(vae.declarations(cfg)):
+    diffusers_name = vae_weights.checkpoint_name(path, cfg)
+    assert vae_weights.checkpoint_name(path, cfg, original=True) == (
         diffusers_to_original[diffusers_name])
 
 
 def test_released_wan22_original_names():
   # Names as they appear in Wan-AI's Wan2.2_VAE.pth (grouped per stage, unlike Wan 2.1).
   cfg = vae.PRESETS["wan2.2"]
-  names = set(vae_checkpoint.names(vae.declarations(cfg), cfg, original=True).values())
+  names = {t.name for t in vae_weights.names(vae.declarations(cfg), cfg, original=True).values()}
   for name in ("encoder.downsamples.0.downsamples.0.residual.2.weight",
                "encoder.downsamples.1.downsamples.0.shortcut.weight",
                "encoder.downsamples.0.downsamples.2.resample.1.weight",
@@ -232,11 +228,11 @@ def test_load_original_wan21_file(tmp_path):
   src = _golden_dir("wan21")
   with open(os.path.join(src, "original_names.json")) as f:
     to_original = json.load(f)
-  tensors = load_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
+  tensors = safetensors.read_file(os.path.join(src, "diffusion_pytorch_model.safetensors"))
   path = str(tmp_path / "Wan2.1_VAE.safetensors")
-  save_file({to_original[k]: v for k, v in tensors.items()}, path)
+  safetensors.write_file(path, {to_original[k]: v for k, v in tensors.items()})
   cfg, ref = vae.load(src)
-  with pytest.raises(ValueError, match="pass its Config"):
+  with pytest.raises(CheckpointError, match="pass its Config"):
     vae.load(path)
   _, params = vae.load(path, config=cfg)
   assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), params, ref))

@@ -29,11 +29,13 @@ CONTEXT_AXIS = "context"
 
 
 def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=None,
-                split_head_dim: bool = True):
+                split_head_dim: bool = True, bias=None, scale: float | None = None):
   """Plain XLA softmax attention.
 
   q: (B, Sq, H, D); k, v: (B, Skv, H, D); segment ids: (B, Sq) / (B, Skv) integers, a query
-  attends only to keys with the same id. Logits and softmax are float32. With
+  attends only to keys with the same id. bias: added to the logits, broadcastable to
+  (B, H, Sq, Skv) (T5's relative positions and padding). scale: of the logits, default
+  1/sqrt(D) (T5 uses 1). Logits and softmax are float32. With
   split_head_dim=False the heads are folded into the batch dimension ((B*H, S, D) matmuls)
   instead of being a separate einsum dimension: same result, another layout for XLA.
   Returns (B, Sq, H, D) in q's dtype.
@@ -41,15 +43,19 @@ def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=N
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together")
   if not split_head_dim:
+    if bias is not None:
+      raise ValueError("split_head_dim=False folds heads into the batch; it takes no bias")
     b, _, h, d = q.shape
     fold = lambda x: jnp.swapaxes(x, 1, 2).reshape(b * h, x.shape[1], 1, d)
     repeat = lambda s: None if s is None else jnp.repeat(s, h, axis=0)
     out = dot_product(fold(q), fold(k), fold(v), q_segment_ids=repeat(q_segment_ids),
                       kv_segment_ids=repeat(kv_segment_ids), precision=precision)
     return jnp.swapaxes(out.reshape(b, h, q.shape[1], d), 1, 2)
-  scale = q.shape[-1] ** -0.5
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
                       preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if q_segment_ids is not None:
     mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)

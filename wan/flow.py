@@ -4,12 +4,27 @@ sigma in [0, 1] is the noise level: x_t = (1 - sigma) * x0 + sigma * noise, the 
 timestep 1000 * sigma and predicts the velocity noise - x0.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtr, ndtri
 
 NUM_TRAIN_TIMESTEPS = 1000
+SAMPLINGS = ("uniform", "logit_normal")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The flow-matching choices of a run (built by the plan)."""
+  sampling: str = "uniform"  # uniform | logit_normal, before the shift
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  shift: float = 1.0
+  sigma_range: tuple[float, float] = (0.0, 1.0)  # a Wan 2.2 A14B expert's side of the boundary
+  bell_weighting: bool = True  # MaxDiffusion's mid-timestep loss weighting
+  caption_dropout: float = 0.0
 
 
 def shift(u, s: float):

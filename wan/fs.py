@@ -1,13 +1,15 @@
 """Files on local disk or in a cloud bucket (gs://, s3://, ...), through one small interface.
 
 Local paths use the standard library; bucket paths go through TensorFlow's gfile, imported only
-when a bucket is used.
+when a bucket is used. Paths may be str or os.PathLike.
 """
 
 import os
+import shutil
+import uuid
 
 
-def is_remote(path: str) -> bool:
+def is_remote(path) -> bool:
   return "://" in str(path)
 
 
@@ -21,16 +23,98 @@ def join(*parts) -> str:
       *map(str, parts))
 
 
-def makedirs(path: str):
+def dirname(path) -> str:
+  path = str(path)
+  return path.rstrip("/").rsplit("/", 1)[0] if is_remote(path) else os.path.dirname(
+      os.path.abspath(path))
+
+
+def basename(path) -> str:
+  path = str(path)
+  return path.rstrip("/").rsplit("/", 1)[-1] if is_remote(path) else os.path.basename(
+      os.path.abspath(path))
+
+
+def makedirs(path):
   if is_remote(path):
-    _gfile().makedirs(path)
+    _gfile().makedirs(str(path))
   else:
     os.makedirs(path, exist_ok=True)
 
 
-def exists(path: str) -> bool:
-  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+def exists(path) -> bool:
+  return _gfile().exists(str(path)) if is_remote(path) else os.path.exists(path)
 
 
-def open_file(path: str, mode: str = "r"):
-  return _gfile().GFile(path, mode) if is_remote(path) else open(path, mode)
+def isdir(path) -> bool:
+  return _gfile().isdir(str(path)) if is_remote(path) else os.path.isdir(path)
+
+
+def listdir(path) -> list[str]:
+  """Names (not paths) of the entries of a directory, sorted; no trailing "/" on folders."""
+  if is_remote(path):
+    return sorted(name.rstrip("/") for name in _gfile().listdir(str(path)))
+  return sorted(os.listdir(path))
+
+
+def size(path) -> int:
+  """Size of a file in bytes."""
+  return _gfile().stat(str(path)).length if is_remote(path) else os.path.getsize(path)
+
+
+def open_file(path, mode: str = "r"):
+  return _gfile().GFile(str(path), mode) if is_remote(path) else open(path, mode)
+
+
+def read_bytes(path, offset: int = 0, length: int | None = None) -> bytes:
+  """`length` bytes from `offset` (to the end of the file when None); a ranged read in a bucket."""
+  with open_file(path, "rb") as f:
+    if offset:
+      f.seek(offset)
+    return f.read() if length is None else f.read(length)
+
+
+def replace(src, dst):
+  """Renames file `src` over `dst` (atomic on local disk: readers see the old or the new file)."""
+  if is_remote(src):
+    _gfile().rename(str(src), str(dst), overwrite=True)
+  else:
+    os.replace(src, dst)
+
+
+def rename(src, dst):
+  """Renames a file or directory to a name that does not exist yet.
+
+  A bucket has no directories, only names with slashes: a "directory" is renamed object by
+  object (not atomically, unlike a local rename).
+  """
+  if not is_remote(src):
+    os.rename(src, dst)
+  elif isdir(src):
+    makedirs(dst)
+    for name in listdir(src):
+      rename(join(src, name), join(dst, name))
+    rmtree(src)
+  else:
+    _gfile().rename(str(src), str(dst))
+
+
+def remove(path):
+  if is_remote(path):
+    _gfile().remove(str(path))
+  else:
+    os.remove(path)
+
+
+def rmtree(path):
+  """Removes a directory and everything in it; nothing happens if it does not exist."""
+  if is_remote(path):
+    if _gfile().exists(str(path)):
+      _gfile().rmtree(str(path))
+  else:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def sibling(path, tag: str) -> str:
+  """A new, unused name next to `path` (hidden, with `tag`), for writing before renaming."""
+  return join(dirname(path), f".{basename(path)}.{tag}-{uuid.uuid4().hex[:12]}")

@@ -11,25 +11,23 @@ not resampled, and matches the processor exactly. Resizing is antialiased bicubi
 (jax.image.resize); transformers resizes through 8-bit PIL images, so resized inputs agree to
 about one 8-bit level (tested: <= 0.03 after normalisation), not bit for bit.
 
-Parameters (transformers names, possibly under vision_model., in brackets):
-  patch_embed (p, p, 3, D)  [embeddings.patch_embedding]  class_embed (D,)  pos_embed (T, D)
-  pre_norm/{scale, bias} (D,)  [pre_layrnorm]
-  layers/ (stacked): ln1, ln2 {scale, bias}; q, k, v (D, H, hd) + q_bias.. (H, hd);
-    o (H, hd, D) + o_bias (D,); fc1 (D, F) + fc1_bias; fc2 (F, D) + fc2_bias  [encoder.layers.i.*]
+Parameters (see `declarations`; their PyTorch names: wan/weights/image_encoder.py):
+  patch_embed/kernel (p, p, 3, D)  class_embed (D,)  pos_embed (T, D)  pre_norm/{scale, bias}
+  layers/ (stacked): ln1, ln2/{scale, bias}; q, k, v/{kernel (D, H, hd), bias (H, hd)};
+    o/{kernel (H, hd, D), bias (D,)}; fc1/{kernel (D, F), bias}; fc2/{kernel (F, D), bias}
 """
 
 import dataclasses
-import json
-import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from wan import attention
+from wan import layers
 from wan import params as params_lib
-from wan import safetensors_io
 from wan import sharding
-from wan.numerics import PRECISIONS
+from wan.numerics import DTYPES, PRECISIONS
+from wan.weights import image_encoder as weights
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -61,6 +59,8 @@ class Config:
 
   def __post_init__(self):
     for name, value, allowed in (("hidden_act", self.hidden_act, ACTIVATIONS),
+                                 ("weights_dtype", self.weights_dtype, DTYPES),
+                                 ("activations_dtype", self.activations_dtype, DTYPES),
                                  ("precision", self.precision, PRECISIONS)):
       if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; use one of {sorted(allowed)}")
@@ -89,24 +89,26 @@ TINY = Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_att
 
 
 def declarations(cfg: Config):
+  """The declaration tree of every parameter (see wan/params.py); layers stacked on "layers"."""
   d, h, f, p = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.patch_size
   hd = d // h
-  P = params_lib.Param
+  P, zeros = params_lib.Param, params_lib.zeros
   norm = lambda: {"scale": P((d,), ("embed",), params_lib.ones, jnp.float32),
-                  "bias": P((d,), ("embed",), params_lib.zeros, jnp.float32)}
-  zeros = params_lib.zeros
+                  "bias": P((d,), ("embed",), zeros, jnp.float32)}
+  dense = lambda shape, axes, fan_in_dims=1: {
+      "kernel": P(shape, axes, params_lib.fan_in_uniform(fan_in_dims)),
+      "bias": P(shape[fan_in_dims:], axes[fan_in_dims:], zeros)}
   layer = {
       "ln1": norm(),
-      **{n: P((d, h, hd), ("embed", "heads", None)) for n in ("q", "k", "v")},
-      **{f"{n}_bias": P((h, hd), ("heads", None), zeros) for n in ("q", "k", "v")},
-      "o": P((h, hd, d), ("heads", None, "embed"), params_lib.fan_in_uniform(2)),
-      "o_bias": P((d,), ("embed",), zeros),
+      **{n: dense((d, h, hd), ("embed", "heads", None)) for n in ("q", "k", "v")},
+      "o": dense((h, hd, d), ("heads", None, "embed"), fan_in_dims=2),
       "ln2": norm(),
-      "fc1": P((d, f), ("embed", "mlp")), "fc1_bias": P((f,), ("mlp",), zeros),
-      "fc2": P((f, d), ("mlp", "embed")), "fc2_bias": P((d,), ("embed",), zeros),
+      "fc1": dense((d, f), ("embed", "mlp")),
+      "fc2": dense((f, d), ("mlp", "embed")),
   }
   return {
-      "patch_embed": P((p, p, 3, d), (None, None, None, "embed"), params_lib.fan_in_uniform(3)),
+      "patch_embed": {"kernel": P((p, p, 3, d), (None, None, None, "embed"),
+                                  params_lib.fan_in_uniform(3))},
       "class_embed": P((d,), ("embed",), params_lib.normal(d ** -0.5)),
       "pos_embed": P((cfg.num_tokens, d), (None, "embed"), params_lib.normal(0.02)),
       "pre_norm": norm(),
@@ -115,11 +117,11 @@ def declarations(cfg: Config):
 
 
 def init(cfg: Config, key: jax.Array):
-  return params_lib.init(declarations(cfg), key, jnp.dtype(cfg.weights_dtype))
+  return params_lib.init(declarations(cfg), key, DTYPES[cfg.weights_dtype])
 
 
 def abstract(cfg: Config):
-  return params_lib.abstract(declarations(cfg), jnp.dtype(cfg.weights_dtype))
+  return params_lib.abstract(declarations(cfg), DTYPES[cfg.weights_dtype])
 
 
 def shardings(cfg: Config, mesh: jax.sharding.Mesh):
@@ -143,31 +145,23 @@ def preprocess(images: jax.Array, cfg: Config) -> jax.Array:
   return (x - mean) / std
 
 
-def _layer_norm(x, p, eps):
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * p["scale"] + p["bias"]
-  return y.astype(x.dtype)
+def _norm(p, x, cfg: Config):
+  return layers.layer_norm(x, cfg.layer_norm_eps, p["scale"], p["bias"]).astype(x.dtype)
 
 
 def block(p, x, cfg: Config):
   """One encoder layer. x: (B, T, D)."""
-  dtype = jnp.dtype(cfg.activations_dtype)
-  precision = PRECISIONS[cfg.precision]
-  mm = lambda spec, a, w: jnp.einsum(spec, a, w.astype(dtype), precision=precision)
-  h = _layer_norm(x, p["ln1"], cfg.layer_norm_eps)
-  q, k, v = (mm("btd,dhk->bthk", h, p[n]) + p[f"{n}_bias"].astype(dtype) for n in "qkv")
-  scores = jnp.einsum("bqhk,bshk->bhqs", q, k, precision=precision,
-                      preferred_element_type=jnp.float32) * (q.shape[-1] ** -0.5)
-  weights = jax.nn.softmax(scores, axis=-1).astype(dtype)
-  attn = jnp.einsum("bhqs,bshk->bqhk", weights, v, precision=precision)
-  x = x + mm("bthk,hkd->btd", attn, p["o"]) + p["o_bias"].astype(dtype)
+  dense = lambda q, a, in_dims=1: layers.dense(q, a, dtype=DTYPES[cfg.activations_dtype],
+                                               precision=PRECISIONS[cfg.precision],
+                                               in_dims=in_dims)
+  h = _norm(p["ln1"], x, cfg)
+  q, k, v = (dense(p[n], h) for n in ("q", "k", "v"))  # (B, T, H, hd)
+  attn = attention.dot_product(q, k, v, precision=PRECISIONS[cfg.precision])
+  x = x + dense(p["o"], attn, in_dims=2)
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
-  h = _layer_norm(x, p["ln2"], cfg.layer_norm_eps)
-  h = ACTIVATIONS[cfg.hidden_act](mm("btd,df->btf", h, p["fc1"]) + p["fc1_bias"].astype(dtype))
+  h = ACTIVATIONS[cfg.hidden_act](dense(p["fc1"], _norm(p["ln2"], x, cfg)))
   h = sharding.constrain(h, ("batch", "length", "act_mlp"))
-  x = x + mm("btf,fd->btd", h, p["fc2"]) + p["fc2_bias"].astype(dtype)
+  x = x + dense(p["fc2"], h)
   return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -176,24 +170,25 @@ def hidden_state(params, cfg: Config, pixels: jax.Array, num_layers: int) -> jax
 
   transformers' hidden_states[i] is hidden_state(..., i); hidden_states[-2] is num_layers - 1.
   """
-  dtype = jnp.dtype(cfg.activations_dtype)
+  dtype = DTYPES[cfg.activations_dtype]
   b, s = pixels.shape[0], cfg.image_size
   if pixels.shape != (b, s, s, 3):
     raise ValueError(f"pixels must be (B, {s}, {s}, 3), got {pixels.shape}; see preprocess")
   patches = jax.lax.conv_general_dilated(
-      pixels.astype(dtype), params["patch_embed"].astype(dtype), (cfg.patch_size,) * 2, "VALID",
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=PRECISIONS[cfg.precision])
+      pixels.astype(dtype), params["patch_embed"]["kernel"].astype(dtype),
+      (cfg.patch_size,) * 2, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=PRECISIONS[cfg.precision])
   patches = patches.reshape(b, -1, cfg.hidden_size)
   cls = jnp.broadcast_to(params["class_embed"].astype(dtype), (b, 1, cfg.hidden_size))
   x = jnp.concatenate([cls, patches], axis=1) + params["pos_embed"].astype(dtype)
-  x = _layer_norm(x, params["pre_norm"], cfg.layer_norm_eps)
+  x = _norm(params["pre_norm"], x, cfg)
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
-  layers = jax.tree.map(lambda a: a[:num_layers], params["layers"])
+  stacked = jax.tree.map(lambda a: a[:num_layers], params["layers"])
   if cfg.scan_layers:
-    x, _ = jax.lax.scan(lambda x, p: (block(p, x, cfg), None), x, layers)
+    x, _ = jax.lax.scan(lambda x, p: (block(p, x, cfg), None), x, stacked)
   else:
     for i in range(num_layers):
-      x = block(jax.tree.map(lambda a, i=i: a[i], layers), x, cfg)
+      x = block(jax.tree.map(lambda a, i=i: a[i], stacked), x, cfg)
   return x
 
 
@@ -208,89 +203,20 @@ def encode(params, cfg: Config, images: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Loading transformers checkpoints.
 
-# Tensors of CLIPVisionModel(WithProjection) / CLIPModel that Wan's penultimate features never use.
-_UNUSED_PREFIXES = ("vision_model.post_layernorm.", "post_layernorm.", "visual_projection.",
-                    "text_model.", "text_projection.", "logit_scale",
-                    "vision_model.embeddings.position_ids", "embeddings.position_ids")
-
 
 def load(path: str, **runtime):
   """(cfg, params) from a transformers CLIP vision directory or a Wan diffusers model root.
 
   `path`: a directory with config.json + model.safetensors (or its sharded index), or a model
-  root with image_encoder/ (and image_processor/, whose mean/std/size are checked). `runtime`:
-  Config runtime options. Params are NumPy arrays in weights_dtype.
+  root with image_encoder/ (and image_processor/, whose mean/std are used), local or bucket.
+  `runtime`: Config runtime options. Params are host NumPy arrays in weights_dtype (norms
+  float32); any missing, mis-shaped or unexpected tensor is named in one CheckpointError.
   """
-  root = path
-  if os.path.isdir(os.path.join(path, "image_encoder")):
-    path = os.path.join(path, "image_encoder")
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"no config.json in {path} (nor an image_encoder/ folder in {root})")
-  with open(config_path) as f:
-    model_config = json.load(f)
-  for processor_dir in (os.path.join(root, "image_processor"), path):
-    processor_path = os.path.join(processor_dir, "preprocessor_config.json")
-    if os.path.exists(processor_path):
-      with open(processor_path) as f:
-        processor = json.load(f)
-      runtime = {"image_mean": tuple(processor.get("image_mean", CLIP_MEAN)),
-                 "image_std": tuple(processor.get("image_std", CLIP_STD)), **runtime}
-      break
-  cfg = Config.from_json(model_config, **runtime)
-  return cfg, from_transformers(safetensors_io.load_dir(path, "model"), cfg)
-
-
-def from_transformers(tensors: dict, cfg: Config):
-  """Our params from transformers' CLIP vision state dict (NumPy arrays, PyTorch layouts).
-
-  Names with or without the vision_model. prefix; a missing, unexpected or mis-shaped tensor is
-  an error naming it.
-  """
-  d, h, f, p = cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.patch_size
-  hd = d // h
-  used = set()
-  # transformers 4 saved CLIPVisionModel under vision_model. (as Wan's released image_encoder
-  # is); transformers 5 saves the vision tower's names bare.
-  prefix = "vision_model." if any(n.startswith("vision_model.") for n in tensors) else ""
-
-  def take(name, shape):
-    name = prefix + name
-    if name not in tensors:
-      raise KeyError(f"checkpoint has no tensor {name!r} (expected shape {shape})")
-    value = tensors[name]
-    if tuple(value.shape) != tuple(shape):
-      raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {shape}")
-    used.add(name)
-    return np.asarray(value, np.float32)
-
-  norm = lambda name: {"scale": take(f"{name}.weight", (d,)), "bias": take(f"{name}.bias", (d,))}
-  layers = []
-  for i in range(cfg.num_hidden_layers):
-    pre = f"encoder.layers.{i}."
-    attn = pre + "self_attn."
-    # PyTorch Linear stores (out, in); we store (in, out) split into heads where there are any.
-    layer = {"ln1": norm(pre + "layer_norm1"), "ln2": norm(pre + "layer_norm2")}
-    for n in "qkv":
-      layer[n] = take(attn + f"{n}_proj.weight", (d, d)).T.reshape(d, h, hd)
-      layer[f"{n}_bias"] = take(attn + f"{n}_proj.bias", (d,)).reshape(h, hd)
-    layer["o"] = take(attn + "out_proj.weight", (d, d)).T.reshape(h, hd, d)
-    layer["o_bias"] = take(attn + "out_proj.bias", (d,))
-    layer["fc1"] = take(pre + "mlp.fc1.weight", (f, d)).T
-    layer["fc1_bias"] = take(pre + "mlp.fc1.bias", (f,))
-    layer["fc2"] = take(pre + "mlp.fc2.weight", (d, f)).T
-    layer["fc2_bias"] = take(pre + "mlp.fc2.bias", (d,))
-    layers.append(layer)
-  params = {
-      # Conv2d (out, in, kh, kw) -> (kh, kw, in, out).
-      "patch_embed": take("embeddings.patch_embedding.weight", (d, 3, p, p)).transpose(2, 3, 1, 0),
-      "class_embed": take("embeddings.class_embedding", (d,)),
-      "pos_embed": take("embeddings.position_embedding.weight", (cfg.num_tokens, d)),
-      "pre_norm": norm("pre_layrnorm"),
-      "layers": jax.tree.map(lambda *xs: np.stack(xs), *layers),
-  }
-  unexpected = sorted(n for n in tensors.keys() - used if not n.startswith(_UNUSED_PREFIXES))
-  if unexpected:
-    raise ValueError(f"checkpoint has tensors the CLIP vision encoder does not use: "
-                     f"{unexpected[:8]}")
-  return jax.tree.map(lambda a, ref: a.astype(ref.dtype), params, abstract(cfg))
+  ckpt = weights.read(path)
+  if ckpt.processor is not None:
+    runtime = {"image_mean": tuple(ckpt.processor.get("image_mean", CLIP_MEAN)),
+               "image_std": tuple(ckpt.processor.get("image_std", CLIP_STD)), **runtime}
+  cfg = Config.from_json(ckpt.config, **runtime)
+  params = weights.to_params(ckpt.tensors, declarations(cfg), DTYPES[cfg.weights_dtype],
+                             source=ckpt.directory)
+  return cfg, params

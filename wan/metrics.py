@@ -6,6 +6,8 @@ dense bf16 peak where it is known.
 """
 
 import json
+import math
+import os
 import time
 
 import jax
@@ -40,30 +42,70 @@ def _duration(seconds):
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _finite_or_none(v):
+  return v if math.isfinite(v) else None  # NaN / inf are not JSON
+
+
+def _keep_rows_until(path: str, step: int):
+  """Drops the rows of a metrics.jsonl after `step` (a resumed run writes them again)."""
+  if not fs.exists(path):
+    return
+  with fs.open_file(path) as f:
+    lines = f.read().splitlines()
+  kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
+  if len(kept) == len(lines):
+    return
+  # Local: a new file renamed over the old; a bucket object is replaced whole anyway.
+  tmp = path if fs.is_remote(path) else f"{path}.tmp-{os.getpid()}"
+  with fs.open_file(tmp, "w") as f:
+    f.write("".join(l + "\n" for l in kept))
+  if tmp != path:
+    os.replace(tmp, path)
+
+
 class Writer:
-  """Writes one record per logged step to the console, metrics.jsonl and TensorBoard."""
+  """Writes one record per logged step to the console, metrics.jsonl and TensorBoard.
+
+  A run resumed at `first_step` drops the rows after it that an interrupted run left (in
+  metrics.jsonl; TensorBoard is told to purge them with a session-start event).
+  """
 
   def __init__(self, run_dir: str, total_steps: int, write_files: bool = True,
-               flush_every: int = 10):
-    self._total = total_steps
+               flush_every: int = 10, first_step: int = 0):
+    self._total, self._first = total_steps, first_step
     self._on = jax.process_index() == 0
     self._files = self._on and write_files
     self._flush_every = max(1, flush_every)
-    self._start = time.time()
+    self._first_done = None  # (time, step) of the first step this process logged
     self._jsonl = self._tb = None
     if self._files:
       fs.makedirs(run_dir)
-      self._jsonl = fs.open_file(fs.join(run_dir, "metrics.jsonl"), "a")
+      path = fs.join(run_dir, "metrics.jsonl")
+      _keep_rows_until(path, first_step)
+      self._jsonl = fs.open_file(path, "a")
+      from tensorboard.compat.proto import event_pb2
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
       self._tb = EventFileWriter(fs.join(run_dir, "tensorboard"))
+      if first_step:  # TensorBoard drops the events at and after a session start's step
+        self._tb.add_event(event_pb2.Event(
+            wall_time=time.time(), step=first_step + 1,
+            session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
-  def write(self, step: int, metrics: dict, first_step: int = 0):
-    """`metrics`: name -> Python float (or None, skipped)."""
+  def _eta(self, step: int) -> str:
+    # The first step includes compilation: the rate comes from the steps after it.
+    now = time.time()
+    if self._first_done is None:
+      self._first_done = (now, step)
+    start, start_step = self._first_done
+    if step == start_step:
+      return "--"
+    return _duration((now - start) / (step - start_step) * (self._total - step))
+
+  def write(self, step: int, metrics: dict):
+    """`metrics`: name -> number (None: not known, skipped); non-finite values are null."""
     if not self._on:
       return
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-    done = step - first_step
-    eta = (time.time() - self._start) / max(done, 1) * (self._total - step)
     parts = [f"step {step}/{self._total} {_bar(step, self._total)}",
              f"loss {metrics['loss']:.5f}", f"lr {metrics['learning_rate']:.3g}",
              f"{metrics['step_time']:.3f} s/step"]
@@ -71,10 +113,11 @@ class Writer:
       parts.append(f"{metrics['tflops_per_device']:.2f} TFLOP/s/dev")
     if "mfu" in metrics:
       parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
-    parts.append(f"ETA {_duration(eta)}")
+    parts.append(f"ETA {self._eta(step)}")
     print(" | ".join(parts), flush=True)
     if self._files:
-      self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+      row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
+      self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
       self._add_scalars(step, metrics)
       if step % self._flush_every == 0:
         self.flush()

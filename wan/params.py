@@ -105,15 +105,47 @@ def abstract(decls, dtype=jnp.float32):
   return _map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype or dtype), decls)
 
 
-def partition_specs(decls, mesh: jax.sharding.Mesh | None = None, rules=sharding.RULES):
-  """`PartitionSpec` tree from the logical axes (see `sharding.spec`)."""
-  return _map(lambda p: sharding.spec(p.axes, p.shape, mesh, rules), decls)
+def partition_specs(decls, mesh, rules=sharding.RULES):
+  """`PartitionSpec` tree from the logical axes (see `sharding.param_spec`)."""
+  return _map(lambda p: sharding.param_spec(p.axes, p.shape, mesh, rules)[0], decls)
 
 
 def shardings(decls, mesh: jax.sharding.Mesh, rules=sharding.RULES):
   """`NamedSharding` tree for placing parameters (and optimizer state shaped like them)."""
-  return _map(lambda p: jax.NamedSharding(mesh, sharding.spec(p.axes, p.shape, mesh, rules)),
-              decls)
+  return _map(lambda p: jax.NamedSharding(mesh, sharding.param_spec(p.axes, p.shape, mesh,
+                                                                    rules)[0]), decls)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where one parameter goes on a mesh."""
+  path: str
+  shape: tuple[int, ...]
+  nbytes: int
+  spec: jax.P
+  unplaced: tuple[str, ...]  # mesh axes its logical axes ask for that no dimension could take
+
+  def per_device_bytes(self, mesh) -> float:
+    sizes = dict(mesh if isinstance(mesh, dict) else mesh.shape)
+    axes = [a for e in self.spec if e for a in ((e,) if isinstance(e, str) else e)]
+    return self.nbytes / math.prod(sizes[a] for a in axes)
+
+
+def placements(decls, mesh, dtype=jnp.float32, rules=sharding.RULES) -> list[Placement]:
+  """How `shardings` places every parameter. `mesh`: a Mesh or {axis: size}; no devices needed."""
+  out = []
+  for path, p in jax.tree.flatten_with_path(decls, is_leaf=is_param)[0]:
+    spec, unplaced = sharding.param_spec(p.axes, p.shape, mesh, rules)
+    out.append(Placement(jax.tree_util.keystr(path, simple=True, separator="/"), p.shape,
+                         math.prod(p.shape) * jnp.dtype(p.dtype or dtype).itemsize, spec,
+                         unplaced))
+  return out
+
+
+def nbytes(decls, dtype=jnp.float32) -> int:
+  """Bytes of all parameters (pinned dtypes as declared, the rest in `dtype`)."""
+  return sum(math.prod(p.shape) * jnp.dtype(p.dtype or dtype).itemsize
+             for p in jax.tree.leaves(decls, is_leaf=is_param))
 
 
 def count(decls) -> int:

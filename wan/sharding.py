@@ -15,6 +15,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 
 MESH_AXES = ("data", "fsdp", "context", "tensor")
+FSDP_AXIS = "fsdp"  # parameters and optimizer state are split over it
 
 # logical axis -> mesh axes, in priority order. Parameter axes first, then activation axes.
 RULES = (
@@ -43,27 +44,70 @@ def _mesh_axes_for(name, rules):
   raise KeyError(f"logical axis {name!r} has no entry in the sharding rule table")
 
 
+def _sizes(mesh) -> dict:
+  """Axis sizes of a Mesh, an AbstractMesh or a plain {axis: size} dict."""
+  return dict(mesh if isinstance(mesh, dict) else mesh.shape)
+
+
 def spec(axes, shape=None, mesh=None, rules=RULES) -> jax.P:
   """PartitionSpec for an array whose dimensions carry the logical names `axes`.
 
   A mesh axis is used at most once per array (first dimension wins). With `mesh` and `shape`
   given, mesh axes whose combined size does not divide a dimension are dropped from the end of
-  that dimension's list, so small or odd-sized arrays (biases, norms, tiny test models) stay
-  replicated along them instead of failing to place.
+  that dimension's list, so activations of any size place (a batch of 6 on data x fsdp = 4
+  keeps data only). Parameters go through `param_spec`, which never drops an axis silently.
   """
-  used = set()
-  entries = []
+  return _spec(axes, shape, None if mesh is None else _sizes(mesh), rules)[0]
+
+
+def _spec(axes, shape, sizes, rules):
+  """(PartitionSpec, mesh axes the rules asked for that no dimension could take)."""
+  used, dropped, entries = set(), [], []
   for dim, name in enumerate(axes):
     mesh_axes = [a for a in _mesh_axes_for(name, rules) if a not in used]
-    if mesh is not None:
-      mesh_axes = [a for a in mesh_axes if a in mesh.shape and mesh.shape[a] > 1]
+    if sizes is not None:
+      mesh_axes = [a for a in mesh_axes if sizes.get(a, 1) > 1]
       if shape is not None:
-        while mesh_axes and shape[dim] % math.prod(mesh.shape[a] for a in mesh_axes):
-          mesh_axes.pop()
+        while mesh_axes and shape[dim] % math.prod(sizes[a] for a in mesh_axes):
+          dropped.append(mesh_axes.pop())
     used.update(mesh_axes)
-    entries.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1
-                   else tuple(mesh_axes))
-  return jax.P(*entries)
+    entries.append(mesh_axes)
+  return _to_spec(entries), tuple(a for a in dropped if a not in used)
+
+
+def _to_spec(entries) -> jax.P:
+  return jax.P(*(None if not e else e[0] if len(e) == 1 else tuple(e) for e in entries))
+
+
+def param_spec(axes, shape, mesh, rules=RULES) -> tuple[jax.P, tuple[str, ...]]:
+  """PartitionSpec of a parameter, and the mesh axes it stays replicated along against the rules.
+
+  As `spec`, with two differences. A parameter that names any sharded logical axis is an FSDP
+  parameter: it is split over `fsdp` along some dimension even where no rule says which (a
+  stacked bias (layers, mlp)); parameters declared with no logical axes (the VAE's) stay
+  replicated. And a mesh axis that does not divide the dimension its rule names moves to the
+  largest other dimension it divides (as big_vision's fsdp rule shards the largest divisible
+  dimension), never to the stacked "layers" axis that `lax.scan` slices. Axes that fit nowhere
+  are returned, so that the plan can refuse large parameters left whole on every device.
+  """
+  sizes = _sizes(mesh)
+  spec_, unplaced = _spec(axes, shape, sizes, rules)
+  entries = [[] if e is None else [e] if isinstance(e, str) else list(e) for e in spec_]
+  used = {a for e in entries for a in e}
+  if (FSDP_AXIS not in used and FSDP_AXIS not in unplaced and sizes.get(FSDP_AXIS, 1) > 1
+      and any(name not in (None, "layers") for name in axes)):
+    unplaced += (FSDP_AXIS,)
+  left = []
+  for axis in unplaced:
+    dims = sorted((d for d, name in enumerate(axes) if name != "layers"),
+                  key=lambda d: -shape[d])
+    for d in dims:
+      if shape[d] % (math.prod(sizes[a] for a in entries[d]) * sizes[axis]) == 0:
+        entries[d].append(axis)
+        break
+    else:
+      left.append(axis)
+  return _to_spec(entries), tuple(left)
 
 
 def constrain(x: jax.Array, axes, rules=RULES) -> jax.Array:

@@ -6,31 +6,33 @@ Architecture, as in transformers' UMT5EncoderModel:
   -> final RMS norm.
 Wan uses the last hidden state with every row past a prompt's length set to zero.
 
-Parameters (see `declarations`), PyTorch names in brackets:
-  token_embed (vocab, D)                             [shared.weight]
+Parameters (see `declarations`; their PyTorch names: wan/weights/text_encoder.py):
+  token_embed (vocab, D)
   layers/ (stacked on a leading num_layers axis)
-    attn_norm (D,)                                    [encoder.block.i.layer.0.layer_norm]
-    q, k, v (D, H, d_kv); o (H, d_kv, D)              [...layer.0.SelfAttention.{q,k,v,o}]
-    rel_bias (num_buckets, H)                         [...SelfAttention.relative_attention_bias]
-    ffn_norm (D,)                                     [encoder.block.i.layer.1.layer_norm]
-    wi_0, wi_1 (D, d_ff) gated | wi (D, d_ff); wo (d_ff, D)  [...layer.1.DenseReluDense.*]
-  final_norm (D,)                                     [encoder.final_layer_norm]
+    attn_norm/scale (D,)
+    q, k, v/kernel (D, H, d_kv); o/kernel (H, d_kv, D)   (no biases, as T5)
+    rel_bias (num_buckets, H)
+    ffn_norm/scale (D,)
+    wi_0, wi_1/kernel (D, d_ff) gated | wi/kernel (D, d_ff); wo/kernel (d_ff, D)
+  final_norm/scale (D,)
 """
 
 import dataclasses
-import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wan import attention
+from wan import layers
 from wan import params as params_lib
-from wan import safetensors_io
 from wan import sharding
 from wan import tokenizer as tokenizer_lib
-from wan.numerics import PRECISIONS
+from wan.errors import MissingFile
+from wan.numerics import DTYPES, PRECISIONS
+from wan.weights import roots
+from wan.weights import text_encoder as weights
 
 ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation
@@ -62,6 +64,8 @@ class Config:
 
   def __post_init__(self):
     for name, value, allowed in (("dense_act_fn", self.dense_act_fn, ACTIVATIONS),
+                                 ("weights_dtype", self.weights_dtype, DTYPES),
+                                 ("activations_dtype", self.activations_dtype, DTYPES),
                                  ("precision", self.precision, PRECISIONS)):
       if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; use one of {sorted(allowed)}")
@@ -85,35 +89,34 @@ TINY = Config(vocab_size=300, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_hea
 
 
 def declarations(cfg: Config):
+  """The declaration tree of every parameter (see wan/params.py); layers stacked on "layers"."""
   d, h, k, f = cfg.d_model, cfg.num_heads, cfg.d_kv, cfg.d_ff
-  norm = lambda: params_lib.Param((d,), ("embed",), params_lib.ones, jnp.float32)
+  P = params_lib.Param
+  norm = lambda: {"scale": P((d,), ("embed",), params_lib.ones, jnp.float32)}
   layer = {
       "attn_norm": norm(),
-      "q": params_lib.Param((d, h, k), ("embed", "heads", None), params_lib.fan_in_uniform()),
-      "k": params_lib.Param((d, h, k), ("embed", "heads", None), params_lib.fan_in_uniform()),
-      "v": params_lib.Param((d, h, k), ("embed", "heads", None), params_lib.fan_in_uniform()),
-      "o": params_lib.Param((h, k, d), ("heads", None, "embed"), params_lib.fan_in_uniform(2)),
-      "rel_bias": params_lib.Param((cfg.relative_attention_num_buckets, h), (None, "heads"),
-                                   params_lib.normal(1.0)),
+      **{n: {"kernel": P((d, h, k), ("embed", "heads", None))} for n in ("q", "k", "v")},
+      "o": {"kernel": P((h, k, d), ("heads", None, "embed"), params_lib.fan_in_uniform(2))},
+      "rel_bias": P((cfg.relative_attention_num_buckets, h), (None, "heads"),
+                    params_lib.normal(1.0)),
       "ffn_norm": norm(),
-      "wo": params_lib.Param((f, d), ("mlp", "embed"), params_lib.fan_in_uniform()),
+      "wo": {"kernel": P((f, d), ("mlp", "embed"))},
   }
   for name in ("wi_0", "wi_1") if cfg.gated else ("wi",):
-    layer[name] = params_lib.Param((d, f), ("embed", "mlp"), params_lib.fan_in_uniform())
+    layer[name] = {"kernel": P((d, f), ("embed", "mlp"))}
   return {
-      "token_embed": params_lib.Param((cfg.vocab_size, d), ("vocab", "embed"),
-                                      params_lib.normal(1.0)),
+      "token_embed": P((cfg.vocab_size, d), ("vocab", "embed"), params_lib.normal(1.0)),
       "layers": params_lib.stack(layer, cfg.num_layers),
       "final_norm": norm(),
   }
 
 
 def init(cfg: Config, key: jax.Array):
-  return params_lib.init(declarations(cfg), key, jnp.dtype(cfg.weights_dtype))
+  return params_lib.init(declarations(cfg), key, DTYPES[cfg.weights_dtype])
 
 
 def abstract(cfg: Config):
-  return params_lib.abstract(declarations(cfg), jnp.dtype(cfg.weights_dtype))
+  return params_lib.abstract(declarations(cfg), DTYPES[cfg.weights_dtype])
 
 
 def shardings(cfg: Config, mesh: jax.sharding.Mesh):
@@ -140,37 +143,30 @@ def relative_position_buckets(length: int, num_buckets: int, max_distance: int) 
   return buckets.astype(np.int32)
 
 
-def _rms_norm(x, scale, eps):
-  x32 = x.astype(jnp.float32)
-  x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return (scale.astype(jnp.float32) * x32).astype(x.dtype)
-
-
 def block(p, x, buckets, key_bias, cfg: Config):
   """One encoder layer. x: (B, L, D); buckets: (L, L) int32; key_bias: (B, 1, 1, L) float32."""
-  dtype = jnp.dtype(cfg.activations_dtype)
-  precision = PRECISIONS[cfg.precision]
-  mm = lambda spec, a, w: jnp.einsum(spec, a, w.astype(dtype), precision=precision)
+  dense = lambda q, a, in_dims=1: layers.dense(q, a, dtype=DTYPES[cfg.activations_dtype],
+                                               precision=PRECISIONS[cfg.precision],
+                                               in_dims=in_dims)
+  eps = cfg.layer_norm_epsilon
 
-  h = _rms_norm(x, p["attn_norm"], cfg.layer_norm_epsilon)
-  q, k, v = (mm("bld,dhk->blhk", h, p[n]) for n in ("q", "k", "v"))
-  # T5 folds the 1/sqrt(d_kv) scale into q's initialisation, so scores are not scaled here.
-  scores = jnp.einsum("bqhk,bshk->bhqs", q, k, precision=precision,
-                      preferred_element_type=jnp.float32)
+  h = layers.rms_norm(x, p["attn_norm"]["scale"], eps)
+  q, k, v = (dense(p[n], h) for n in ("q", "k", "v"))  # (B, L, H, d_kv)
   position_bias = jnp.transpose(p["rel_bias"].astype(jnp.float32)[buckets], (2, 0, 1))
-  weights = jax.nn.softmax(scores + position_bias[None] + key_bias, axis=-1).astype(dtype)
-  attn = jnp.einsum("bhqs,bshk->bqhk", weights, v, precision=precision)
-  x = x + mm("blhk,hkd->bld", attn, p["o"])
+  # T5 folds the 1/sqrt(d_kv) scale into q's initialisation, so scores are not scaled here.
+  attn = attention.dot_product(q, k, v, bias=position_bias[None] + key_bias, scale=1.0,
+                               precision=PRECISIONS[cfg.precision])
+  x = x + dense(p["o"], attn, in_dims=2)
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
-  h = _rms_norm(x, p["ffn_norm"], cfg.layer_norm_epsilon)
+  h = layers.rms_norm(x, p["ffn_norm"]["scale"], eps)
   act = ACTIVATIONS[cfg.dense_act_fn]
   if cfg.gated:
-    h = act(mm("bld,df->blf", h, p["wi_0"])) * mm("bld,df->blf", h, p["wi_1"])
+    h = act(dense(p["wi_0"], h)) * dense(p["wi_1"], h)
   else:
-    h = act(mm("bld,df->blf", h, p["wi"]))
+    h = act(dense(p["wi"], h))
   h = sharding.constrain(h, ("batch", "length", "act_mlp"))
-  x = x + mm("blf,fd->bld", h, p["wo"])
+  x = x + dense(p["wo"], h)
   return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -182,8 +178,7 @@ def encode(params, cfg: Config, token_ids: jax.Array, mask: jax.Array) -> jax.Ar
   """
   if token_ids.shape != mask.shape or token_ids.ndim != 2:
     raise ValueError(f"token_ids {token_ids.shape} and mask {mask.shape} must both be (B, L)")
-  dtype = jnp.dtype(cfg.activations_dtype)
-  x = jnp.take(params["token_embed"], token_ids, axis=0).astype(dtype)
+  x = jnp.take(params["token_embed"], token_ids, axis=0).astype(DTYPES[cfg.activations_dtype])
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
   buckets = jnp.asarray(relative_position_buckets(
       token_ids.shape[1], cfg.relative_attention_num_buckets, cfg.relative_attention_max_distance))
@@ -199,7 +194,7 @@ def encode(params, cfg: Config, token_ids: jax.Array, mask: jax.Array) -> jax.Ar
   else:
     for i in range(cfg.num_layers):
       x, _ = step(x, jax.tree.map(lambda a, i=i: a[i], params["layers"]))
-  x = _rms_norm(x, params["final_norm"], cfg.layer_norm_epsilon)
+  x = layers.rms_norm(x, params["final_norm"]["scale"], cfg.layer_norm_epsilon)
   return jnp.where(mask[..., None], x, jnp.zeros((), x.dtype))
 
 
@@ -211,73 +206,18 @@ def load(path: str, tokenizer_path: str | None = None, **runtime):
   """(cfg, params, tokenizer) from a transformers UMT5 directory or a Wan diffusers model root.
 
   `path`: a directory with config.json + model.safetensors (or its sharded index), or a model
-  root holding text_encoder/ and tokenizer/. The tokenizer is read from `tokenizer_path`, else
-  path/tokenizer/, else `path` itself. `runtime`: Config runtime options (dtypes, precision).
-  Params are NumPy arrays in weights_dtype; place them with `jax.device_put(params, shardings)`.
+  root holding text_encoder/ and tokenizer/ (local or bucket). The tokenizer is read from
+  `tokenizer_path`, else from `path` itself or its tokenizer/. `runtime`: Config runtime options
+  (dtypes, precision). Params are host NumPy arrays in weights_dtype (norm scales float32);
+  place them with `jax.device_put(params, shardings(cfg, mesh))`. Any missing, mis-shaped or
+  unexpected tensor is named in one CheckpointError.
   """
-  root = path
-  if os.path.isdir(os.path.join(path, "text_encoder")):
-    path = os.path.join(path, "text_encoder")
-  config_path = os.path.join(path, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"no config.json in {path} (nor a text_encoder/ folder in {root})")
-  with open(config_path) as f:
-    cfg = Config.from_json(json.load(f), **runtime)
-  params = from_transformers(safetensors_io.load_dir(path, "model"), cfg)
-  candidates = [tokenizer_path] if tokenizer_path else [os.path.join(root, "tokenizer"), root]
-  for candidate in candidates:
-    if any(os.path.exists(os.path.join(candidate, n)) for n in ("tokenizer.json", "spiece.model")):
-      return cfg, params, tokenizer_lib.load(candidate)
-  raise FileNotFoundError(f"no tokenizer.json or spiece.model in {candidates}; pass "
-                          "tokenizer_path=")
-
-
-def from_transformers(tensors: dict, cfg: Config):
-  """Our params from transformers' UMT5 state dict (NumPy arrays, PyTorch layouts).
-
-  Encoder-decoder checkpoints are accepted: decoder and LM-head tensors are ignored. A missing,
-  unexpected encoder tensor or a wrong shape is an error naming the tensor.
-  """
-  d, h, k = cfg.d_model, cfg.num_heads, cfg.d_kv
-  dtype = jnp.dtype(cfg.weights_dtype)
-  used = set()
-
-  def take(name, shape):
-    if name not in tensors:
-      raise KeyError(f"checkpoint has no tensor {name!r} (expected shape {shape})")
-    value = tensors[name]
-    if tuple(value.shape) != tuple(shape):
-      raise ValueError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {shape}")
-    used.add(name)
-    return np.asarray(value, np.float32)
-
-  embed_name = "shared.weight" if "shared.weight" in tensors else "encoder.embed_tokens.weight"
-  used.update({"shared.weight", "encoder.embed_tokens.weight"} & tensors.keys())
-  layers = []
-  for i in range(cfg.num_layers):
-    attn = f"encoder.block.{i}.layer.0.SelfAttention."
-    ffn = f"encoder.block.{i}.layer.1."
-    # PyTorch Linear stores (out, in); we store (in, out) split into heads where there are any.
-    layer = {
-        "attn_norm": take(f"encoder.block.{i}.layer.0.layer_norm.weight", (d,)),
-        **{n: take(attn + f"{n}.weight", (h * k, d)).T.reshape(d, h, k) for n in "qkv"},
-        "o": take(attn + "o.weight", (d, h * k)).T.reshape(h, k, d),
-        "rel_bias": take(attn + "relative_attention_bias.weight",
-                         (cfg.relative_attention_num_buckets, h)),
-        "ffn_norm": take(ffn + "layer_norm.weight", (d,)),
-        "wo": take(ffn + "DenseReluDense.wo.weight", (d, cfg.d_ff)).T,
-    }
-    for n in ("wi_0", "wi_1") if cfg.gated else ("wi",):
-      layer[n] = take(ffn + f"DenseReluDense.{n}.weight", (cfg.d_ff, d)).T
-    layers.append(layer)
-  params = {
-      "token_embed": take(embed_name, (cfg.vocab_size, d)),
-      "layers": jax.tree.map(lambda *xs: np.stack(xs), *layers),
-      "final_norm": take("encoder.final_layer_norm.weight", (d,)),
-  }
-  unexpected = sorted(n for n in tensors.keys() - used
-                      if not n.startswith(("decoder.", "lm_head.")))
-  if unexpected:
-    raise ValueError(f"checkpoint has tensors the UMT5 encoder does not use: {unexpected[:8]}")
-  abstract_params = abstract(cfg)
-  return jax.tree.map(lambda a, ref: a.astype(ref.dtype), params, abstract_params)
+  ckpt = weights.read(path)
+  cfg = Config.from_json(ckpt.config, **runtime)
+  params = weights.to_params(ckpt.tensors, declarations(cfg), DTYPES[cfg.weights_dtype],
+                             source=ckpt.directory)
+  tokenizer_dir = tokenizer_path or roots.find(path, "tokenizer")
+  if tokenizer_dir is None:
+    raise MissingFile(f"no tokenizer.json or spiece.model in {path} or {path}/tokenizer; "
+                      "pass tokenizer_path=")
+  return cfg, params, tokenizer_lib.load(tokenizer_dir)

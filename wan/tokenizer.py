@@ -1,21 +1,22 @@
 """The UMT5 tokenizer: prompts to fixed-length token ids and masks, as Wan's pipelines make them.
 
-Loads a `tokenizer.json` (the `tokenizers` format, as google/umt5-xxl and Wan's diffusers repos
-ship it) or a sentencepiece `spiece.model`. A `spiece.model` is turned into the same
-`tokenizers` pipeline that transformers' T5Tokenizer builds from it: a unigram model over the
-sentencepiece pieces followed by `extra_ids` sentinel pieces, sentencepiece's precompiled
-normalizer, whitespace split + metaspace pre-tokenizer, and `</s>` appended to every sequence.
-Then, as `tokenizer(texts, padding="max_length", truncation=True, max_length=n)` does, sequences
-are cut to n - 1 pieces plus `</s>` and padded with the pad id to n.
+Built from a `tokenizer.json` (the `tokenizers` format, as google/umt5-xxl and Wan's diffusers
+repos ship it) or a sentencepiece `spiece.model`, both read by wan/weights/tokenizer.py. A
+`spiece.model` is turned into the same `tokenizers` pipeline that transformers' T5Tokenizer
+builds from it: a unigram model over the sentencepiece pieces followed by `extra_ids` sentinel
+pieces, sentencepiece's precompiled normalizer, whitespace split + metaspace pre-tokenizer,
+and `</s>` appended to every sequence. Then, as
+`tokenizer(texts, padding="max_length", truncation=True, max_length=n)` does, sequences are cut
+to n - 1 pieces plus `</s>` and padded with the pad id to n.
 """
 
 import dataclasses
-import json
-import os
 
 import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+from wan.weights import tokenizer as tokenizer_files
 
 MAX_LENGTH = 512  # Wan's max_sequence_length for the text encoder
 EXTRA_IDS = 100  # T5/UMT5 sentinel tokens <extra_id_0..99> after the sentencepiece pieces
@@ -49,44 +50,33 @@ class Tokenizer:
 
 
 def load(path: str) -> Tokenizer:
-  """Tokenizer from a directory holding tokenizer.json or spiece.model, or either file itself.
+  """Tokenizer from a directory holding tokenizer.json or spiece.model, either file itself, or a
+  model root with tokenizer/ (local or bucket paths; the files are read by wan/weights).
 
   tokenizer.json is preferred when both are present (it is what transformers loads then). For a
   spiece.model, the number of sentinels is tokenizer_config.json's extra_ids when the directory
   has one (as transformers reads it), else T5's 100.
   """
-  extra_ids = EXTRA_IDS
-  config_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path),
-                             "tokenizer_config.json")
-  if os.path.exists(config_path):
-    with open(config_path) as f:
-      extra_ids = json.load(f).get("extra_ids", EXTRA_IDS)
-  if os.path.isdir(path):
-    for name in ("tokenizer.json", "spiece.model"):
-      if os.path.exists(os.path.join(path, name)):
-        path = os.path.join(path, name)
-        break
-    else:
-      raise FileNotFoundError(f"{path} holds neither tokenizer.json nor spiece.model")
-  if path.endswith(".json"):
-    backend = tokenizers.Tokenizer.from_file(path)
-  elif path.endswith(".model"):
-    backend = _from_sentencepiece(path, extra_ids)
+  files = tokenizer_files.read(path)
+  if files.kind == "tokenizer.json":
+    backend = tokenizers.Tokenizer.from_str(files.data.decode("utf-8"))
   else:
-    raise ValueError(f"{path}: expected a tokenizer.json or a sentencepiece .model file")
+    extra_ids = EXTRA_IDS if files.extra_ids is None else files.extra_ids
+    backend = _from_sentencepiece(files.data, files.path, extra_ids)
   ids = {token: backend.token_to_id(token) for token in (PAD, EOS)}
   missing = [token for token, i in ids.items() if i is None]
   if missing:
-    raise ValueError(f"{path}: tokenizer has no {missing} token; not a T5/UMT5 tokenizer")
+    raise ValueError(f"{files.path}: tokenizer has no {missing} token; not a T5/UMT5 tokenizer")
   return Tokenizer(backend, pad_id=ids[PAD], eos_id=ids[EOS])
 
 
-def _from_sentencepiece(path: str, extra_ids: int = EXTRA_IDS) -> tokenizers.Tokenizer:
+def _from_sentencepiece(proto_bytes: bytes, path: str,
+                        extra_ids: int = EXTRA_IDS) -> tokenizers.Tokenizer:
+  """The `tokenizers` pipeline of a sentencepiece model (its serialized proto, read from `path`)."""
   # The proto is read with sentencepiece's own bindings (no protobuf schema of our own).
   from sentencepiece import sentencepiece_model_pb2
   proto = sentencepiece_model_pb2.ModelProto()
-  with open(path, "rb") as f:
-    proto.ParseFromString(f.read())
+  proto.ParseFromString(proto_bytes)
   if proto.trainer_spec.model_type != 1:  # 1 = UNIGRAM; T5/UMT5 models are unigram
     raise ValueError(f"{path}: sentencepiece model type {proto.trainer_spec.model_type} is not "
                      "unigram; T5/UMT5 tokenizers are unigram models")

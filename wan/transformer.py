@@ -2,7 +2,9 @@
 
 One architecture covers Wan 2.1 T2V 1.3B / 14B, Wan 2.1 I2V 14B (CLIP image tokens and added
 key/value projections), Wan 2.2 A14B (two experts of the same shape) and Wan 2.2 TI2V 5B
-(48 latent channels, per-token timesteps); they differ only by `Config`.
+(48 latent channels, per-token timesteps); they differ only by `Config`, the architecture
+(diffusers' config.json). How a network runs (dtypes, precision, attention, remat, scan, dropout,
+padding masks) is a separate value, `Options`, which the training plan builds.
 
 Data flow of `forward`:
   latents (B, F, H, W, C) -> patch embedding -> tokens (B, S, D), S = F/pt * H/ph * W/pw
@@ -11,8 +13,8 @@ Data flow of `forward`:
   tokens -> num_layers x block(self-attn with 3D RoPE, cross-attn, FFN; adaLN-modulated)
   -> output head (2-way modulation) -> unpatchify -> (B, F, H, W, C_out)
 
-Checkpoint loading and saving live in `wan/transformer_checkpoint.py`, remat policies in
-`wan/remat.py`; `load`, `save` and `flops` are re-exported here as the public API.
+Checkpoint names and layouts live in `wan/weights/transformer.py`, remat policies in
+`wan/remat.py`; `load`, `save` and `flops` are part of this module's API.
 """
 
 import dataclasses
@@ -24,16 +26,18 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 import kernels
-from wan import attention, params, remat, sharding
+from wan import attention, layers, params, remat, sharding
+from wan.flops import flops  # noqa: F401  (part of this module's API)
 from wan.numerics import DTYPES, PRECISIONS
 from wan.params import Param
+from wan.weights import transformer as transformer_weights
 
 ATTENTIONS = attention.IMPLS
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """Architecture (diffusers' config.json names) plus runtime options the trainer overrides."""
+  """The architecture: diffusers' WanTransformer3DModel config.json fields and names."""
   patch_size: tuple[int, int, int] = (1, 2, 2)
   num_attention_heads: int = 40
   attention_head_dim: int = 128
@@ -50,31 +54,8 @@ class Config:
   added_kv_proj_dim: int | None = None  # key/value projections for image tokens
   rope_max_seq_len: int = 1024
   pos_embed_seq_len: int | None = None  # FLF2V: learned position embedding of image tokens
-  # Runtime options.
-  scan_layers: bool = True
-  remat_policy: str = "NONE"
-  names_which_can_be_saved: tuple[str, ...] = ()
-  names_which_can_be_offloaded: tuple[str, ...] = ()
-  weights_dtype: str = "float32"
-  activations_dtype: str = "float32"
-  precision: str = "DEFAULT"
-  attention: str = "dot_product"
-  flash_min_seq_length: int = 0
-  flash_block_sizes: tuple | None = None  # ((name, size), ...) overriding the tuned entry
-  split_head_dim: bool = True  # dot_product layout: heads as their own einsum dimension
-  attention_sharding_uniform: bool = True  # K/V sharded over context like the queries
-  mask_padding_tokens: bool = False
-  dropout: float = 0.0
-  boundary: float | None = None  # Wan 2.2 A14B: sigma where the high-noise expert hands over
 
   def __post_init__(self):
-    for name, value, allowed in (("weights_dtype", self.weights_dtype, DTYPES),
-                                 ("activations_dtype", self.activations_dtype, DTYPES),
-                                 ("precision", self.precision, PRECISIONS),
-                                 ("attention", self.attention, ATTENTIONS),
-                                 ("remat_policy", self.remat_policy, remat.POLICIES)):
-      if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {sorted(allowed)}")
     if self.qk_norm not in (None, "rms_norm_across_heads"):
       raise ValueError(f"qk_norm={self.qk_norm!r}: only 'rms_norm_across_heads' or None exist")
     if self.attention_head_dim % 2 or self.attention_head_dim < 6:
@@ -86,17 +67,6 @@ class Config:
       # The image embedder maps CLIP features to `dim`; add_k_proj/add_v_proj read that.
       raise ValueError(f"added_kv_proj_dim={self.added_kv_proj_dim} must equal the model dim "
                        f"num_attention_heads * attention_head_dim = {self.dim}")
-    if self.flash_block_sizes is not None and not (
-        isinstance(self.flash_block_sizes, tuple)
-        and all(isinstance(kv, tuple) and len(kv) == 2 for kv in self.flash_block_sizes)):
-      raise ValueError(f"flash_block_sizes={self.flash_block_sizes!r} must be None or a tuple of "
-                       "(name, size) pairs so Config stays hashable; pass "
-                       "tuple(sorted(block_sizes.items())) for a dict")
-    if self.flash_block_sizes:
-      kernels.BlockSizes.make(dict(self.flash_block_sizes))  # unknown names: a clear error
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
-    remat.check_names(self.names_which_can_be_saved + self.names_which_can_be_offloaded)
 
   @property
   def dim(self) -> int:
@@ -106,30 +76,83 @@ class Config:
   def patch_volume(self) -> int:
     return math.prod(self.patch_size)
 
+  @classmethod
+  def from_diffusers(cls, raw: dict) -> "Config":
+    """From a config.json dict: unknown keys (_class_name, ...) ignored, lists made tuples."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names}
+    if kw.get("out_channels") is None:  # diffusers: out_channels defaults to in_channels
+      kw["out_channels"] = kw.get("in_channels", cls.in_channels)
+    return cls(**kw)
 
-def _real(**kw):
-  return Config(**kw)
+  def to_diffusers(self) -> dict:
+    """The config.json fields (diffusers names, JSON types)."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """How the network runs, not what it is; hashable (a static argument of jit)."""
+  weights_dtype: str = "float32"
+  activations_dtype: str = "float32"
+  precision: str = "DEFAULT"
+  attention: str = "dot_product"
+  flash_min_seq_length: int = 0
+  flash_block_sizes: tuple | None = None  # ((name, size), ...) overriding the tuned entry
+  split_head_dim: bool = True  # dot_product layout: heads as their own einsum dimension
+  attention_sharding_uniform: bool = True  # K/V sharded over context like the queries
+  mask_padding_tokens: bool = False
+  scan_layers: bool = True
+  remat_policy: str = "NONE"
+  names_which_can_be_saved: tuple[str, ...] = ()
+  names_which_can_be_offloaded: tuple[str, ...] = ()
+  dropout: float = 0.0
+
+  def __post_init__(self):
+    for name, value, allowed in (("weights_dtype", self.weights_dtype, DTYPES),
+                                 ("activations_dtype", self.activations_dtype, DTYPES),
+                                 ("precision", self.precision, PRECISIONS),
+                                 ("attention", self.attention, ATTENTIONS),
+                                 ("remat_policy", self.remat_policy, remat.POLICIES)):
+      if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {sorted(allowed)}")
+    if self.flash_block_sizes is not None and not (
+        isinstance(self.flash_block_sizes, tuple)
+        and all(isinstance(kv, tuple) and len(kv) == 2 for kv in self.flash_block_sizes)):
+      raise ValueError(f"flash_block_sizes={self.flash_block_sizes!r} must be None or a tuple of "
+                       "(name, size) pairs so Options stays hashable; pass "
+                       "tuple(sorted(block_sizes.items())) for a dict")
+    if self.flash_block_sizes:
+      kernels.BlockSizes.make(dict(self.flash_block_sizes))  # unknown names: a clear error
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
+    remat.check_names(self.names_which_can_be_saved + self.names_which_can_be_offloaded)
+
+  @property
+  def dtype(self):
+    return DTYPES[self.activations_dtype]
+
+
+_TINY = dict(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64,
+             num_layers=2)
+
+# Architectures by name. The model family each belongs to (conditioning, VAE, experts) is
+# wan/families.py's business, not the network's.
 PRESETS = {
-    "wan2.1-t2v-1.3b": _real(num_attention_heads=12, ffn_dim=8960, num_layers=30),
-    "wan2.1-t2v-14b": _real(),
-    "wan2.1-i2v-14b": _real(in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
-    "wan2.2-t2v-a14b": _real(boundary=0.875),
-    "wan2.2-i2v-a14b": _real(in_channels=36, boundary=0.9),
-    "wan2.2-ti2v-5b": _real(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
-                            out_channels=48),
+    "wan2.1-t2v-1.3b": Config(num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "wan2.1-t2v-14b": Config(),
+    "wan2.1-i2v-14b": Config(in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
+    "wan2.2-t2v-a14b": Config(),
+    "wan2.2-i2v-a14b": Config(in_channels=36),
+    "wan2.2-ti2v-5b": Config(num_attention_heads=24, ffn_dim=14336, num_layers=30, in_channels=48,
+                             out_channels=48),
     # Tiny models for CPU tests and the README's one-minute training run.
-    "tiny-t2v": Config(num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32,
-                       ffn_dim=64, num_layers=2),
-    "tiny-t2v-a14b": Config(num_attention_heads=2, attention_head_dim=16, text_dim=32,
-                            freq_dim=32, ffn_dim=64, num_layers=2, boundary=0.875),
-    "tiny-i2v": Config(num_attention_heads=2, attention_head_dim=16, in_channels=36, text_dim=32,
-                       freq_dim=32, ffn_dim=64, num_layers=2, image_dim=24, added_kv_proj_dim=32),
-    "tiny-i2v-a14b": Config(num_attention_heads=2, attention_head_dim=16, in_channels=36,
-                            text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, boundary=0.9),
-    "tiny-ti2v": Config(num_attention_heads=2, attention_head_dim=16, in_channels=48,
-                        out_channels=48, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2),
+    "tiny-t2v": Config(**_TINY),
+    "tiny-t2v-a14b": Config(**_TINY),
+    "tiny-i2v": Config(**_TINY, in_channels=36, image_dim=24, added_kv_proj_dim=32),
+    "tiny-i2v-a14b": Config(**_TINY, in_channels=36),
+    "tiny-ti2v": Config(**_TINY, in_channels=48, out_channels=48),
 }
 
 
@@ -138,12 +161,17 @@ PRESETS = {
 
 
 def _linear(n_in, n_out, axes):
-  return {"w": Param((n_in, n_out), axes), "b": Param((n_out,), axes[1:], params.zeros)}
+  return {"kernel": Param((n_in, n_out), axes),
+          "bias": Param((n_out,), axes[1:], params.zeros)}
 
 
-def _norm(n, affine=True):
+def _norm(n):
   return {"scale": Param((n,), (None,), params.ones, jnp.float32),
-          "bias": Param((n,), (None,), params.zeros, jnp.float32)} if affine else {}
+          "bias": Param((n,), (None,), params.zeros, jnp.float32)}
+
+
+def _scale(n):
+  return {"scale": Param((n,), (None,), params.ones, jnp.float32)}
 
 
 def _attention_decls(cfg: Config, cross: bool):
@@ -151,12 +179,11 @@ def _attention_decls(cfg: Config, cross: bool):
   decls = {name: _linear(d, d, ("embed", "heads")) for name in ("q", "k", "v")}
   decls["o"] = _linear(d, d, ("heads", "embed"))
   if cfg.qk_norm:
-    decls["norm_q"] = {"scale": Param((d,), (None,), params.ones, jnp.float32)}
-    decls["norm_k"] = {"scale": Param((d,), (None,), params.ones, jnp.float32)}
+    decls["norm_q"], decls["norm_k"] = _scale(d), _scale(d)
   if cross and cfg.added_kv_proj_dim is not None:
     decls["k_img"] = _linear(cfg.added_kv_proj_dim, d, ("embed", "heads"))
     decls["v_img"] = _linear(cfg.added_kv_proj_dim, d, ("embed", "heads"))
-    decls["norm_k_img"] = {"scale": Param((d,), (None,), params.ones, jnp.float32)}
+    decls["norm_k_img"] = _scale(d)
   return decls
 
 
@@ -174,7 +201,7 @@ def _block_decls(cfg: Config):
   return decls
 
 
-def param_decls(cfg: Config):
+def declarations(cfg: Config):
   """The declaration tree of every parameter (see wan/params.py); blocks stacked on "layers"."""
   d, pt, ph, pw = cfg.dim, *cfg.patch_size
   decls = {
@@ -204,49 +231,27 @@ def param_decls(cfg: Config):
   return decls
 
 
-def init(cfg: Config, key: jax.Array):
-  """Randomly initialised parameters (weights in cfg.weights_dtype)."""
-  return params.init(param_decls(cfg), key, DTYPES[cfg.weights_dtype])
+def init(cfg: Config, key: jax.Array, dtype=jnp.float32):
+  """Randomly initialised parameters; weights in `dtype` (norms and modulation stay float32)."""
+  return params.init(declarations(cfg), key, dtype)
 
 
-def abstract(cfg: Config):
+def abstract(cfg: Config, dtype=jnp.float32):
   """ShapeDtypeStruct tree of the parameters."""
-  return params.abstract(param_decls(cfg), DTYPES[cfg.weights_dtype])
+  return params.abstract(declarations(cfg), dtype)
 
 
-def partition_specs(cfg: Config, mesh=None):
-  return params.partition_specs(param_decls(cfg), mesh)
+def shardings(cfg: Config, mesh):
+  """NamedSharding tree of the parameters on `mesh` (by the rule table in wan/sharding.py)."""
+  return params.shardings(declarations(cfg), mesh)
 
 
 # ----------------------------------------------------------------------------------------------
 # Layers
 
 
-def _dense(p, x, cfg: Config):
-  """x (..., n_in) @ w (n_in, n_out) + b, in the activation dtype."""
-  dtype = DTYPES[cfg.activations_dtype]
-  y = jnp.einsum("...i,io->...o", x.astype(dtype), p["w"].astype(dtype),
-                 precision=PRECISIONS[cfg.precision])
-  return y + p["b"].astype(dtype)
-
-
-def _layer_norm(x, eps, scale=None, bias=None):
-  """LayerNorm in float32 (as the reference's FP32LayerNorm); returns float32."""
-  x = x.astype(jnp.float32)
-  mean = x.mean(-1, keepdims=True)
-  var = jnp.square(x - mean).mean(-1, keepdims=True)
-  y = (x - mean) * jax.lax.rsqrt(var + eps)
-  if scale is not None:
-    y = y * scale + bias
-  return y
-
-
-def _rms_norm(x, p, eps):
-  """RMS norm over the last axis (all heads together), float32 inside."""
-  scale = p["scale"]
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
-  return (y * scale).astype(x.dtype)
+def _dense(p, x, opts: Options):
+  return layers.dense(p, x, dtype=opts.dtype, precision=PRECISIONS[opts.precision])
 
 
 def _dropout(x, rate, key):
@@ -299,50 +304,54 @@ def _heads(x, cfg: Config):
   return sharding.constrain(x, ("batch", "length", "act_heads", None))
 
 
-def _attend(q, k, v, cfg: Config, kv_segment_ids=None):
+def _attend(q, k, v, opts: Options, kv_segment_ids=None):
   """q: (B, S, H, Dh) against k, v: (B, L, H, Dh), through the configured implementation."""
-  kv_axes = ("batch", "length" if cfg.attention_sharding_uniform else "kv_length", "act_heads",
+  kv_axes = ("batch", "length" if opts.attention_sharding_uniform else "kv_length", "act_heads",
              None)
   k, v = sharding.constrain(k, kv_axes), sharding.constrain(v, kv_axes)
   q_segment_ids = None
   if kv_segment_ids is not None:
     q_segment_ids = jnp.ones(q.shape[:2], kv_segment_ids.dtype)
   return attention.attention(
-      q, k, v, impl=cfg.attention, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-      precision=PRECISIONS[cfg.precision], block_sizes=cfg.flash_block_sizes,
-      min_seq_length=cfg.flash_min_seq_length, split_head_dim=cfg.split_head_dim)
+      q, k, v, impl=opts.attention, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+      precision=PRECISIONS[opts.precision], block_sizes=opts.flash_block_sizes,
+      min_seq_length=opts.flash_min_seq_length, split_head_dim=opts.split_head_dim)
 
 
-def self_attention(p, x, rope, cfg: Config):
+def self_attention(p, x, rope, cfg: Config, opts: Options):
   """x: (B, S, D) -> (B, S, D); RMS-normed q/k (across heads), 3D RoPE."""
-  q = checkpoint_name(_dense(p["q"], x, cfg), "query_proj")
-  k = checkpoint_name(_dense(p["k"], x, cfg), "key_proj")
-  v = checkpoint_name(_dense(p["v"], x, cfg), "value_proj")
+  q = checkpoint_name(_dense(p["q"], x, opts), "query_proj")
+  k = checkpoint_name(_dense(p["k"], x, opts), "key_proj")
+  v = checkpoint_name(_dense(p["v"], x, opts), "value_proj")
   if cfg.qk_norm:
-    q, k = _rms_norm(q, p["norm_q"], cfg.eps), _rms_norm(k, p["norm_k"], cfg.eps)
+    q = layers.rms_norm(q, p["norm_q"]["scale"], cfg.eps)
+    k = layers.rms_norm(k, p["norm_k"]["scale"], cfg.eps)
   q = checkpoint_name(apply_rope(_heads(q, cfg), *rope), "xq_out")
   k = checkpoint_name(apply_rope(_heads(k, cfg), *rope), "xk_out")
-  out = _attend(q, k, _heads(v, cfg), cfg)
+  out = _attend(q, k, _heads(v, cfg), opts)
   out = checkpoint_name(out.reshape(x.shape), "attn_output")
-  return _dense(p["o"], out, cfg)
+  return _dense(p["o"], out, opts)
 
 
-def cross_attention(p, x, context, cfg: Config, text_segment_ids=None, image_context=None):
+def cross_attention(p, x, context, cfg: Config, opts: Options, text_segment_ids=None,
+                    image_context=None):
   """x: (B, S, D) attends to text context (B, L, D) and, for Wan 2.1 I2V, image tokens."""
-  q = _dense(p["q"], x, cfg)
-  k, v = _dense(p["k"], context, cfg), _dense(p["v"], context, cfg)
+  q = _dense(p["q"], x, opts)
+  k, v = _dense(p["k"], context, opts), _dense(p["v"], context, opts)
   if cfg.qk_norm:
-    q, k = _rms_norm(q, p["norm_q"], cfg.eps), _rms_norm(k, p["norm_k"], cfg.eps)
+    q = layers.rms_norm(q, p["norm_q"]["scale"], cfg.eps)
+    k = layers.rms_norm(k, p["norm_k"]["scale"], cfg.eps)
   q = _heads(q, cfg)
-  out = _attend(q, _heads(k, cfg), _heads(v, cfg), cfg, kv_segment_ids=text_segment_ids)
+  out = _attend(q, _heads(k, cfg), _heads(v, cfg), opts, kv_segment_ids=text_segment_ids)
   if image_context is not None:
-    k_img = _rms_norm(_dense(p["k_img"], image_context, cfg), p["norm_k_img"], cfg.eps)
-    v_img = _dense(p["v_img"], image_context, cfg)
-    out = out + _attend(q, _heads(k_img, cfg), _heads(v_img, cfg), cfg)
-  return _dense(p["o"], out.reshape(x.shape), cfg)
+    k_img = layers.rms_norm(_dense(p["k_img"], image_context, opts), p["norm_k_img"]["scale"],
+                            cfg.eps)
+    v_img = _dense(p["v_img"], image_context, opts)
+    out = out + _attend(q, _heads(k_img, cfg), _heads(v_img, cfg), opts)
+  return _dense(p["o"], out.reshape(x.shape), opts)
 
 
-def block(p, x, ctx, cfg: Config, dropout_key=None):
+def block(p, x, ctx, cfg: Config, opts: Options, dropout_key=None):
   """One transformer block. x: (B, S, D); ctx: dict of per-forward inputs (see `forward`)."""
   dtype = x.dtype
   keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
@@ -353,30 +362,31 @@ def block(p, x, ctx, cfg: Config, dropout_key=None):
     shift, scale, gate, c_shift, c_scale, c_gate = (
         m[:, None, :] for m in (shift, scale, gate, c_shift, c_scale, c_gate))
 
-  h = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
-  h = _dropout(self_attention(p["self_attn"], h, ctx["rope"], cfg), cfg.dropout, keys[0])
+  h = (layers.layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
+  h = _dropout(self_attention(p["self_attn"], h, ctx["rope"], cfg, opts), opts.dropout, keys[0])
   x = (x.astype(jnp.float32) + h * gate).astype(dtype)
 
   h = x
   if cfg.cross_attn_norm:
-    h = _layer_norm(x, cfg.eps, p["cross_norm"]["scale"], p["cross_norm"]["bias"]).astype(dtype)
-  x = x + cross_attention(p["cross_attn"], h, ctx["context"], cfg, ctx["text_segment_ids"],
+    h = layers.layer_norm(x, cfg.eps, p["cross_norm"]["scale"],
+                          p["cross_norm"]["bias"]).astype(dtype)
+  x = x + cross_attention(p["cross_attn"], h, ctx["context"], cfg, opts, ctx["text_segment_ids"],
                           ctx["image_context"])
 
-  h = (_layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dtype)
-  h = jax.nn.gelu(_dense(p["ffn"]["fc1"], h, cfg), approximate=True)
-  h = _dropout(checkpoint_name(h, "ffn_activation"), cfg.dropout, keys[1])
-  h = _dense(p["ffn"]["fc2"], h, cfg)
+  h = (layers.layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dtype)
+  h = jax.nn.gelu(_dense(p["ffn"]["fc1"], h, opts), approximate=True)
+  h = _dropout(checkpoint_name(h, "ffn_activation"), opts.dropout, keys[1])
+  h = _dense(p["ffn"]["fc2"], h, opts)
   x = (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
   return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
-def _run_blocks(blocks, x, ctx, cfg: Config, dropout_rng):
+def _run_blocks(blocks, x, ctx, cfg: Config, opts: Options, dropout_rng):
   """All blocks, scanned over the stacked "layers" axis or looped, under the remat policy."""
-  body = remat.apply(lambda p, x, key: block(p, x, ctx, cfg, key), cfg)
-  keys = (None if dropout_rng is None or cfg.dropout == 0.0
+  body = remat.apply(lambda p, x, key: block(p, x, ctx, cfg, opts, key), opts)
+  keys = (None if dropout_rng is None or opts.dropout == 0.0
           else jax.random.split(dropout_rng, cfg.num_layers))
-  if cfg.scan_layers:
+  if opts.scan_layers:
     def step(x, layer):
       p, key = layer
       return body(p, x, key), None
@@ -414,20 +424,30 @@ def _check_inputs(cfg: Config, latents, timestep, text, image):
     raise ValueError(f"image must be (B, N, {cfg.image_dim}); got {image.shape}")
 
 
+def _image_context(p, image, opts: Options):
+  """CLIP states (B, N, image_dim) -> image tokens (B, N, D) for the cross-attention."""
+  img = image.astype(jnp.float32)
+  if "pos_embed" in p:
+    img = img.reshape(-1, 2 * img.shape[1], img.shape[2]) + p["pos_embed"]
+  img = layers.layer_norm(img, 1e-5, p["norm1"]["scale"], p["norm1"]["bias"])
+  img = _dense(p["fc2"], jax.nn.gelu(_dense(p["fc1"], img, opts), approximate=False), opts)
+  return layers.layer_norm(img, 1e-5, p["norm2"]["scale"], p["norm2"]["bias"]).astype(opts.dtype)
+
+
 def forward(params_, cfg: Config, latents, timestep, text, image=None, *, text_mask=None,
-            dropout_rng=None):
+            dropout_rng=None, options: Options = Options()):
   """Predicts the flow (noise - data) for noisy latents.
 
   latents: (B, F, H, W, in_channels) channels-last latent video.
   timestep: (B,) or per-token (B, S) with S = F/pt * H/ph * W/pw, in [0, 1000].
   text: (B, L, text_dim) text-encoder states. image: (B, N, image_dim) CLIP states (Wan 2.1 I2V).
-  text_mask: (B, L) bool, True for real tokens; used only when cfg.mask_padding_tokens.
-  dropout_rng: key for dropout (cfg.dropout > 0 during training); None disables dropout.
+  text_mask: (B, L) bool, True for real tokens; used only with options.mask_padding_tokens.
+  dropout_rng: key for dropout (options.dropout > 0 during training); None disables dropout.
+  options: how to run (dtypes, precision, attention, remat, scan); the defaults run float32.
   Returns (B, F, H, W, out_channels) in the activation dtype.
   """
   _check_inputs(cfg, latents, timestep, text, image)
-  p = params_
-  dtype = DTYPES[cfg.activations_dtype]
+  p, opts = params_, options
   b, f, h, w, c = latents.shape
   pt, ph, pw = cfg.patch_size
   grid = (f // pt, h // ph, w // pw)
@@ -436,48 +456,59 @@ def forward(params_, cfg: Config, latents, timestep, text, image=None, *, text_m
   x = latents.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, c)
   x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, math.prod(grid), cfg.patch_volume * c)
   kernel = p["patch_embed"]["kernel"].reshape(-1, cfg.dim)
-  x = _dense({"w": kernel, "b": p["patch_embed"]["bias"]}, x, cfg)
+  x = _dense({"kernel": kernel, "bias": p["patch_embed"]["bias"]}, x, opts)
   x = sharding.constrain(x, ("batch", "length", "act_embed"))
 
   # Time: (B,) -> temb (B, D), modulation (B, 6, D); per-token: (B, S, D), (B, S, 6, D).
   t_freq = timestep_embedding(timestep, cfg.freq_dim)
-  temb = _dense(p["time_embed"]["fc2"], jax.nn.silu(_dense(p["time_embed"]["fc1"], t_freq, cfg)),
-                cfg)
-  modulation = _dense(p["time_proj"], jax.nn.silu(temb), cfg).astype(jnp.float32)
+  te = p["time_embed"]
+  temb = _dense(te["fc2"], jax.nn.silu(_dense(te["fc1"], t_freq, opts)), opts)
+  modulation = _dense(p["time_proj"], jax.nn.silu(temb), opts).astype(jnp.float32)
   modulation = modulation.reshape(*modulation.shape[:-1], 6, cfg.dim)
 
-  context = _dense(p["text_embed"]["fc2"], jax.nn.gelu(
-      _dense(p["text_embed"]["fc1"], text, cfg), approximate=True), cfg)
+  tx = p["text_embed"]
+  context = _dense(tx["fc2"], jax.nn.gelu(_dense(tx["fc1"], text, opts), approximate=True), opts)
   context = sharding.constrain(context, ("batch", "kv_length", "act_embed"))
-  image_context = None
-  if image is not None:
-    ie = p["image_embed"]
-    img = image.astype(jnp.float32)
-    if "pos_embed" in ie:
-      img = img.reshape(-1, 2 * img.shape[1], img.shape[2]) + ie["pos_embed"]
-    img = _layer_norm(img, 1e-5, ie["norm1"]["scale"], ie["norm1"]["bias"])
-    img = _dense(ie["fc2"], jax.nn.gelu(_dense(ie["fc1"], img, cfg), approximate=False), cfg)
-    image_context = _layer_norm(img, 1e-5, ie["norm2"]["scale"], ie["norm2"]["bias"]).astype(dtype)
+  image_context = None if image is None else _image_context(p["image_embed"], image, opts)
 
   text_segment_ids = None
-  if cfg.mask_padding_tokens and text_mask is not None:
+  if opts.mask_padding_tokens and text_mask is not None:
     # Padding tokens get segment 0, which no query carries, so they are never attended.
     text_segment_ids = text_mask.astype(jnp.int32)
   ctx = {"modulation": modulation, "rope": rope_tables(cfg, grid), "context": context,
          "image_context": image_context, "text_segment_ids": text_segment_ids}
-  x = _run_blocks(p["blocks"], x, ctx, cfg, dropout_rng)
+  x = _run_blocks(p["blocks"], x, ctx, cfg, opts, dropout_rng)
 
   # Output head: 2-way modulation from temb (not the 6-way projection), then unpatchify.
   mod = p["head"]["modulation"] + temb.astype(jnp.float32)[..., None, :]
   shift, scale = mod[..., 0, :], mod[..., 1, :]
   if shift.ndim == 2:
     shift, scale = shift[:, None, :], scale[:, None, :]
-  x = (_layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
-  x = _dense(p["head"]["proj"], x, cfg)
+  x = (layers.layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(opts.dtype)
+  x = _dense(p["head"]["proj"], x, opts)
   x = x.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
   x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
   return x.reshape(b, f, h, w, cfg.out_channels)
 
 
-from wan.transformer_checkpoint import load, save  # noqa: E402  (public API re-export)
-from wan.flops import flops  # noqa: E402
+def load(path: str, dtype=jnp.float32, *, expert: str = "high_noise"):
+  """(cfg, params) of a diffusers or original Wan-AI checkpoint (see wan/weights/transformer.py).
+
+  `path`: a transformer directory, a diffusers model root (`expert="low_noise"` picks the Wan 2.2
+  A14B transformer_2/) or an original Wan-AI directory or root; local or bucket. params: host
+  NumPy arrays in `dtype` (norms and modulation tables float32); place them with
+  `jax.device_put(params, shardings(cfg, mesh))`. Any missing, mis-shaped or unexpected tensor is
+  named in one CheckpointError.
+  """
+  ckpt = transformer_weights.read(path, expert)
+  cfg = Config.from_diffusers(ckpt.architecture)
+  return cfg, transformer_weights.to_params(ckpt.tensors, declarations(cfg), ckpt.layout, dtype,
+                                            ckpt.directory)
+
+
+def save(path: str, cfg: Config, params_, max_shard_bytes: int = 5 * 2**30):
+  """Writes a diffusers transformer directory (config.json + safetensors) atomically."""
+  transformer_weights.write(path, cfg.to_diffusers(),
+                            transformer_weights.to_tensors(params_, declarations(cfg)),
+                            max_shard_bytes)
+

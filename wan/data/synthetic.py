@@ -9,42 +9,19 @@ batch that its devices hold and the global arrays are assembled with
 import jax
 import numpy as np
 
-from wan import sharding
-
-_AXES = {"latents": ("batch", None, None, None, None), "cond": ("batch", None, None, None, None),
-         "cond_mask": ("batch", None, None, None, None), "text": ("batch", None, None),
-         "text_mask": ("batch", None), "image": ("batch", None, None)}
-
-
-def batch_shapes(plan) -> dict:
-  """Global shape of every batch entry for this plan (see wan/data/__init__.py for the keys)."""
-  f, h, w, c = plan.latent_shape
-  b, text_dim = plan.global_batch, plan.model.text_dim
-  shapes = {"latents": (b, f, h, w, c), "text": (b, plan.text_len, text_dim),
-            "text_mask": (b, plan.text_len)}
-  if plan.conditioning == "concat":
-    shapes.update(cond=(b, f, h, w, c), cond_mask=(b, f, h, w, 4))
-  if plan.image_len:
-    shapes["image"] = (b, plan.image_len, plan.model.image_dim)
-  return shapes
-
-
-def batch_shardings(plan, mesh) -> dict:
-  """Every batch entry sharded over the batch axis (data, fsdp) by the rule table."""
-  return {k: jax.NamedSharding(mesh, sharding.spec(_AXES[k], s, mesh))
-          for k, s in batch_shapes(plan).items()}
+from wan.data import batch as batch_lib
 
 
 class SyntheticData:
-  """Iterator of global batches (see wan/data/__init__.py for the keys)."""
+  """Iterator of global batches in the layout of wan/data/batch.py."""
 
   def __init__(self, plan, mesh, seed: int, num_samples: int | None = None):
     self._plan, self._mesh, self._seed = plan, mesh, seed
     self._num_samples = num_samples
     self._next = 0
     b = plan.global_batch
-    self._shapes = batch_shapes(plan)
-    self._shardings = batch_shardings(plan, mesh)
+    self._shapes = batch_lib.shapes(plan)
+    self._shardings = batch_lib.shardings(plan, mesh)
     # The rows of the global batch this process's devices hold (the same for every key).
     rows = self._shardings["latents"].addressable_devices_indices_map(self._shapes["latents"])
     starts = [idx[0].start or 0 for idx in rows.values()]

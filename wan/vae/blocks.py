@@ -121,7 +121,11 @@ def causal_conv(p, x, cache, precision):
 
 
 def rms_norm(p, x):
-  """Wan's RMS norm: x / ||x||_2 over channels * sqrt(C) * scale, computed in float32."""
+  """Wan's RMS norm: x / ||x||_2 over channels * sqrt(C) * scale, computed in float32.
+
+  Not wan/layers.rms_norm: the epsilon floors the L2 norm (F.normalize) instead of being added
+  to the mean square, which differs for small activations.
+  """
   x32 = x.astype(jnp.float32)
   norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
   y = x32 / jnp.maximum(norm, RMS_EPS) * math.sqrt(x.shape[-1]) * p["scale"].astype(jnp.float32)

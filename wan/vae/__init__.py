@@ -10,21 +10,21 @@ bounded by the chunk, not by the video length.
 
 Arrays are channels-last: video (B, F, H, W, 3) in [-1, 1], latents (B, F', H', W', z_dim) with
 F = 1 + 4 (F' - 1), H = H' * scale_factor_spatial.
+
+Layers and their declarations: wan/vae/blocks.py; spatial tiling: wan/vae/tiling.py; checkpoint
+names (diffusers and Wan-AI): wan/weights/vae.py.
 """
 
 import dataclasses
 import functools
-import json
-import os
 
 import jax
 import jax.numpy as jnp
 
 from wan import params as params_lib
 from wan import sharding
-from wan import vae_blocks as blocks
-from wan import vae_checkpoint
-from wan import vae_tiling
+from wan.vae import blocks, tiling
+from wan.weights import vae as weights
 
 # Frames per encoder chunk after the first frame; also the temporal compression factor.
 CHUNK_FRAMES = 4
@@ -225,6 +225,16 @@ def abstract(cfg: Config) -> dict:
 
 # ---------------------------------------------------------------- one chunk
 
+def _resnets(resnets, x, stage_cache, precision):
+  """The resnets of one stage in order: (x, {"resnets": [their caches]}), the start of the
+  stage's cache (its resampler adds its own)."""
+  caches = []
+  for j, rp in enumerate(resnets):
+    x, c = blocks.resnet(rp, x, blocks.cache_at(stage_cache, "resnets", j), precision)
+    caches.append(c)
+  return x, {"resnets": caches}
+
+
 def encoder_chunk(p, cfg: Config, x, cache):
   """Encoder over one chunk (B, T, H, W, Cin) -> ((B, T', h, w, 2 z_dim), cache).
 
@@ -235,10 +245,8 @@ def encoder_chunk(p, cfg: Config, x, cache):
   new = {"down_blocks": []}
   x, new["conv_in"] = blocks.causal_conv(p["conv_in"], x, sub(cache, "conv_in"), prec)
   for i, (sp, (_, out_dim, down)) in enumerate(zip(p["down_blocks"], _encoder_stages(cfg))):
-    stage_in, stage_cache = x, {"resnets": []}
-    for j, rp in enumerate(sp["resnets"]):
-      x, c = blocks.resnet(rp, x, sub(cache, "down_blocks", i, "resnets", j), prec)
-      stage_cache["resnets"].append(c)
+    stage_in = x
+    x, stage_cache = _resnets(sp["resnets"], x, sub(cache, "down_blocks", i), prec)
     if down:
       x, stage_cache["downsampler"] = blocks.downsample(
           sp["downsampler"], x, sub(cache, "down_blocks", i, "downsampler"), prec)
@@ -262,10 +270,8 @@ def decoder_chunk(p, cfg: Config, z, cache):
   x, new["conv_in"] = blocks.causal_conv(p["conv_in"], z, sub(cache, "conv_in"), prec)
   x, new["mid_block"] = blocks.mid_block(p["mid_block"], x, sub(cache, "mid_block"), prec)
   for i, (sp, (_, out_dim, up, _)) in enumerate(zip(p["up_blocks"], _decoder_stages(cfg))):
-    stage_in, stage_cache = x, {"resnets": []}
-    for j, rp in enumerate(sp["resnets"]):
-      x, c = blocks.resnet(rp, x, sub(cache, "up_blocks", i, "resnets", j), prec)
-      stage_cache["resnets"].append(c)
+    stage_in = x
+    x, stage_cache = _resnets(sp["resnets"], x, sub(cache, "up_blocks", i), prec)
     if up:
       x, stage_cache["upsampler"] = blocks.upsample(
           sp["upsampler"], x, sub(cache, "up_blocks", i, "upsampler"), prec)
@@ -365,8 +371,8 @@ def encode(params, cfg: Config, video):
     stride = (cfg.tile_sample_stride_height, cfg.tile_sample_stride_width)
     out_stride = (stride[0] // ratio, stride[1] // ratio)
     blend = (tile[0] // ratio - out_stride[0], tile[1] // ratio - out_stride[1])
-    h = vae_tiling.tiled(lambda t: _encode_moments(params, cfg, t), x, tile, stride,
-                         out_stride, blend, (height // ratio, width // ratio))
+    h = tiling.tiled(lambda t: _encode_moments(params, cfg, t), x, tile, stride,
+                     out_stride, blend, (height // ratio, width // ratio))
   else:
     h = _encode_moments(params, cfg, x)
   return h[..., :cfg.z_dim]
@@ -388,8 +394,8 @@ def decode(params, cfg: Config, latents):
     out_stride = (cfg.tile_sample_stride_height // p, cfg.tile_sample_stride_width // p)
     blend = (cfg.tile_sample_min_height // p - out_stride[0],
              cfg.tile_sample_min_width // p - out_stride[1])
-    out = vae_tiling.tiled(lambda t: _decode_patches(params, cfg, t), latents, tile, stride,
-                           out_stride, blend, (height * s // p, width * s // p))
+    out = tiling.tiled(lambda t: _decode_patches(params, cfg, t), latents, tile, stride,
+                       out_stride, blend, (height * s // p, width * s // p))
   else:
     out = _decode_patches(params, cfg, latents)
   out = blocks.unpatchify(out, p)
@@ -449,23 +455,14 @@ def load(path: str, dtype: str = "float32", config: Config | None = None):
   """(cfg, params) from a diffusers directory (config.json + diffusion_pytorch_model.safetensors,
   or a model root with a vae/ subdirectory) or an original Wan-AI VAE .safetensors file
   (Wan2.1_VAE / Wan2.2_VAE converted from .pth; its config is the released one unless `config`
-  is given)."""
-  if os.path.isdir(path):
-    if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(
-        os.path.join(path, "vae")):
-      path = os.path.join(path, "vae")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-      raise FileNotFoundError(f"{path} has no config.json (nor a vae/ subdirectory with one)")
-    with open(config_path) as f:
-      cfg = Config.from_diffusers(json.load(f), dtype=dtype)
-    tensors = vae_checkpoint.read_safetensors_dir(path)
+  is given); local or bucket paths. Params are host NumPy arrays in `dtype`; any missing,
+  mis-shaped or unexpected tensor is named in one CheckpointError."""
+  ckpt = weights.read(path)
+  if ckpt.config is not None:
+    cfg = Config.from_diffusers(ckpt.config, dtype=dtype)
   else:
-    tensors = vae_checkpoint.read_safetensors(path)
-    if not vae_checkpoint.is_original(tensors):
-      raise ValueError(f"{path} is neither a diffusers directory nor an original Wan-AI VAE file "
-                       "(no encoder.conv1.weight); pass the directory holding config.json")
-    cfg = config or vae_checkpoint.original_config(tensors, PRESETS)
-    cfg = dataclasses.replace(cfg, dtype=dtype)
-  params = vae_checkpoint.convert(tensors, declarations(cfg), cfg, jnp.dtype(cfg.dtype))
+    cfg = dataclasses.replace(config or weights.original_preset(ckpt.tensors, PRESETS),
+                              dtype=dtype)
+  params = weights.to_params(ckpt.tensors, declarations(cfg), cfg, jnp.dtype(cfg.dtype),
+                             source=ckpt.source)
   return cfg, params

@@ -1,0 +1,51 @@
+"""The layers every network shares: the one dense call and the float32 norms.
+
+Every linear layer of the transformer and of the text and image encoders goes through `dense`,
+so that later adapters (LoRA, quantization) transform one call instead of copies of layers. A
+dense parameter is `{"kernel": (in..., out...), "bias": (out...)}` (bias optional).
+
+The VAE keeps its own convolutions and its L2-normalising RMS norm (a different formula: see
+wan/vae/blocks.py).
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def dense(p, x, *, dtype, precision=None, in_dims: int = 1):
+  """x (..., *in) @ kernel (*in, *out) + bias (*out), computed in `dtype`.
+
+  `in_dims` is the number of trailing dimensions of x (leading of the kernel) contracted: 1 for
+  a (D, F) matrix, 2 for a (H, Dh, D) attention output projection.
+  """
+  kernel = p["kernel"]
+  contract_x = tuple(range(x.ndim - in_dims, x.ndim))
+  y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
+                          ((contract_x, tuple(range(in_dims))), ((), ())), precision=precision)
+  if "bias" in p:
+    y = y + p["bias"].astype(dtype)
+  return y
+
+
+def layer_norm(x, eps: float, scale=None, bias=None):
+  """LayerNorm over the last axis in float32 (as the references' FP32 norms); returns float32.
+
+  scale, bias: (D,) or None for a norm without affine parameters.
+  """
+  x = x.astype(jnp.float32)
+  mean = x.mean(-1, keepdims=True)
+  var = jnp.square(x - mean).mean(-1, keepdims=True)
+  y = (x - mean) * jax.lax.rsqrt(var + eps)
+  if scale is not None:
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y
+
+
+def rms_norm(x, scale, eps: float):
+  """x * rsqrt(mean(x^2) + eps) * scale over the last axis, float32 inside; returns x's dtype.
+
+  T5's LayerNorm and the Wan transformer's q/k norms (across all heads together).
+  """
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+  return (y * scale.astype(jnp.float32)).astype(x.dtype)

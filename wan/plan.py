@@ -1,0 +1,554 @@
+"""Validates a training config and derives everything a run needs from it, before any work.
+
+The ConfigDict is read here and nowhere else: `make(c, devices)` checks every field against the
+devices, the model family and the checkpoint, and returns a frozen `Plan` (model architecture and
+run options, mesh sizes, batch and latent shapes, steps, flow and optimizer settings, output
+paths). Everything below the plan takes the Plan's values, never the raw config. `check(c)` runs
+the part that needs no devices, so the launcher can refuse a bad config before joining a cluster.
+
+Every error is a `wan.errors.ConfigError` (or `NotImplementedYet`) that says what to change.
+"""
+
+import dataclasses
+import math
+import os
+
+from wan import families, flow, fs, optim, params, remat, sharding, transformer, vae
+from wan.weights import roots as weight_roots
+from wan.weights import transformer as transformer_weights
+from wan.errors import ConfigError, NotImplementedYet
+from wan.numerics import DTYPES, PRECISIONS
+
+ENUMS = {
+    "model_name": ("wan2.1", "wan2.2"),
+    "model_type": ("T2V", "I2V"),
+    "expert": ("high_noise", "low_noise"),
+    "weights_dtype": tuple(DTYPES),
+    "activations_dtype": tuple(DTYPES),
+    "precision": tuple(PRECISIONS),
+    "attention": transformer.ATTENTIONS,
+    "remat_policy": remat.POLICIES,
+    "timestep_sampling": flow.SAMPLINGS,
+    "lr_schedule": optim.SCHEDULES,
+    "hardware": ("tpu", "gpu", "cpu"),
+    "dataset_type": ("synthetic", "tfrecord", "hf", "tf", "grain"),
+}
+
+# Fields of features that later work builds: any value but this one is refused.
+NOT_IMPLEMENTED = {
+    "eval_every": -1, "eval_data_dir": "", "enable_generate_video_for_eval": False,
+    "timestep_eval": False, "enable_ssim": False, "enable_lora": False,
+    "use_qwix_quantization": False, "tfrecords_dir": "", "no_records_per_shard": 0,
+    "enable_single_replica_ckpt_restoring": False, "replicate_vae": False, "from_pt": True,
+}
+NOT_IMPLEMENTED_DATASETS = ("tfrecord", "hf", "tf", "grain")
+
+_REAL_DATA = ("dataset_type=tfrecord, hf, tf or grain (real data sets are not implemented "
+              "yet; synthetic data has no files, columns, shuffling or buckets)",
+              lambda c: c.dataset_type != "synthetic")
+_TIMESTEP_EVAL = ("timestep_eval=True (not implemented yet)", lambda c: c.timestep_eval)
+_GENERATION = ("enable_generate_video_for_eval=True (not implemented yet)",
+               lambda c: c.enable_generate_video_for_eval)
+_QWIX = ("use_qwix_quantization=True (not implemented yet)", lambda c: c.use_qwix_quantization)
+_CHECKPOINTS = ("checkpoint_every > 0", lambda c: c.checkpoint_every > 0)
+_PROFILER = ("enable_profiler=True", lambda c: c.enable_profiler)
+
+# Fields that matter only when another field turns them on: (value when off, (what turns them
+# on, test)). A different value with the switch off would be silently ignored, so it is refused.
+GATED = {
+    "dataset_name": ("", _REAL_DATA), "train_data_dir": ("", _REAL_DATA),
+    "train_split": ("train", _REAL_DATA), "load_tfrecord_cached": (True, _REAL_DATA),
+    "dataset_save_location": ("", _REAL_DATA), "image_column": ("image", _REAL_DATA),
+    "caption_column": ("text", _REAL_DATA), "resolution": (720, _REAL_DATA),
+    "enable_data_shuffling": (True, _REAL_DATA),
+    "timesteps_list": ((125, 250, 375, 500, 625, 750, 875), _TIMESTEP_EVAL),
+    "num_eval_samples": (420, _TIMESTEP_EVAL),
+    "eval_max_number_of_samples_in_bucket": (60, _TIMESTEP_EVAL),
+    "prompt": ("", _GENERATION), "negative_prompt": ("", _GENERATION),
+    "guidance_scale": (5.0, _GENERATION), "num_inference_steps": (50, _GENERATION),
+    "fps": (16, _GENERATION),
+    "lora_config": (dict(rank=(64,), lora_model_name_or_path=(), weight_name=(), adapter_name=(),
+                         scale=(1.0,), from_pt=()),
+                    ("enable_lora=True (not implemented yet)", lambda c: c.enable_lora)),
+    "quantization": ("", _QWIX), "weight_quantization_calibration_method": ("absmax", _QWIX),
+    "act_quantization_calibration_method": ("absmax", _QWIX),
+    "bwd_quantization_calibration_method": ("absmax", _QWIX), "qwix_module_path": (".*", _QWIX),
+    "checkpoint_dir": ("", _CHECKPOINTS), "checkpoints_to_keep": (3, _CHECKPOINTS),
+    "save_optimizer": (True, _CHECKPOINTS),
+    "skip_first_n_steps_for_profiler": (5, _PROFILER), "profiler_steps": (10, _PROFILER),
+    "tensorboard_flush_period": (10, ("write_metrics=True", lambda c: c.write_metrics)),
+    "names_which_can_be_saved": ((), ("remat_policy=CUSTOM", lambda c: c.remat_policy == "CUSTOM")),
+    "names_which_can_be_offloaded": ((), ("remat_policy=CUSTOM",
+                                          lambda c: c.remat_policy == "CUSTOM")),
+    "logit_mean": (0.0, ("timestep_sampling=logit_normal",
+                         lambda c: c.timestep_sampling == "logit_normal")),
+    "logit_std": (1.0, ("timestep_sampling=logit_normal",
+                        lambda c: c.timestep_sampling == "logit_normal")),
+    "num_train_epochs": (1, ("max_train_steps <= 0 (max_train_steps takes priority)",
+                             lambda c: c.max_train_steps <= 0)),
+    "per_device_batch_size": (1.0, ("global_batch_size <= 0 (global_batch_size wins)",
+                                    lambda c: c.global_batch_size <= 0)),
+    "flash_block_sizes": ({}, ("attention=flash or ring",
+                               lambda c: c.attention in ("flash", "ring"))),
+    "num_processes": (0, ("coordinator_address", lambda c: bool(c.coordinator_address))),
+    "process_id": (-1, ("coordinator_address", lambda c: bool(c.coordinator_address))),
+}
+
+# A replicated parameter this large on every device is refused (biases and norms stay below).
+MAX_REPLICATED_BYTES = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Devices:
+  """What the plan needs to know of the devices: count, hosts, DCN granules and platform."""
+  count: int
+  processes: int = 1
+  granules: int | None = None  # slices or hosts the DCN axes span; default one per process
+  platform: str = "cpu"
+
+  @classmethod
+  def of(cls, devices) -> "Devices":
+    devices = list(devices)
+    return cls(len(devices), len({d.process_index for d in devices}),
+               sharding.granules(devices)[1], devices[0].platform)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+  kind: str  # dataset_type
+  num_samples: int | None  # synthetic: samples in one epoch (None: infinite)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+  """Where a run writes and how often (paths absolute, or bucket URLs)."""
+  run_dir: str
+  checkpoint_dir: str
+  checkpoint_every: int  # samples; -1: no checkpoints
+  checkpoints_to_keep: int
+  save_optimizer: bool
+  write_metrics: bool
+  flush_every: int  # steps
+  log_every: int  # steps
+  profile_steps: tuple[int, int] | None  # (steps skipped after the first, steps traced)
+  named_scopes: bool
+  jax_cache_dir: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What a run derives from its config (all sizes global unless named per-process)."""
+  family: families.Family
+  model: transformer.Config
+  options: transformer.Options
+  weights: str  # transformer checkpoint (directory or model root); "" = random init
+  expert: str
+  seed: int
+  ici: dict
+  dcn: dict
+  global_batch: int
+  latent_shape: tuple  # (F', H', W', C) of the clean latents
+  text_len: int
+  image_len: int  # CLIP tokens (Wan 2.1 I2V), else 0
+  conditioning: str  # wan/conditioning.py kind
+  seq_len: int  # transformer tokens per sample
+  num_steps: int
+  flow: flow.Settings
+  optimizer: optim.Settings
+  data: DataSettings
+  outputs: Outputs
+  param_count: int
+  param_bytes: int
+  param_bytes_per_device: float
+  replicated_bytes: int  # bytes of parameters whole on every device (norms, biases, ...)
+
+  @property
+  def mesh_shape(self) -> dict:
+    return {a: self.ici[a] * self.dcn[a] for a in sharding.MESH_AXES}
+
+  def summary(self) -> str:
+    """A few lines for the start of a run's log."""
+    f, h, w, c = self.latent_shape
+    return (f"model {self.family.name}, {self.param_count:,} parameters "
+            f"({_size(self.param_bytes)}; {_size(self.param_bytes_per_device)} per device, "
+            f"{100 * self.replicated_bytes / self.param_bytes:.2g}% of it whole on every "
+            f"device), "
+            f"{'weights from ' + self.weights if self.weights else 'random init'}\n"
+            f"mesh {self.mesh_shape}, global batch {self.global_batch}, latents "
+            f"{f}x{h}x{w}x{c} = {self.seq_len} tokens/sample, {self.num_steps} steps")
+
+
+def _size(nbytes: float) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if nbytes < 1024 or unit == "GiB":
+      return f"{nbytes:.3g} {unit}" if unit != "B" else f"{int(nbytes)} B"
+    nbytes /= 1024
+
+
+def _fail(message):
+  raise ConfigError(message)
+
+
+def _divisors(n):
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _listing(values) -> str:
+  values = [str(v) for v in values]
+  return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def names(value) -> tuple[str, ...]:
+  """A tuple-of-strings field from the command line: `a,b` arrives as ("a,b",) and is split."""
+  if isinstance(value, str):
+    value = (value,)
+  return tuple(n.strip() for item in value for n in str(item).split(",") if n.strip())
+
+
+def _plain(value):
+  """Config values in comparable form (ConfigDicts as dicts, lists as tuples)."""
+  if hasattr(value, "to_dict"):
+    value = value.to_dict()
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_plain(v) for v in value)
+  return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that need no devices.
+
+
+def check(c):
+  """Everything about `c` that needs neither devices nor files; raises ConfigError."""
+  for field, allowed in ENUMS.items():
+    if c[field] not in allowed:
+      _fail(f"{field}={c[field]!r} is not one of {list(allowed)}")
+  for field, default in NOT_IMPLEMENTED.items():
+    if c[field] != default:
+      raise NotImplementedYet(f"{field}={c[field]!r} is not implemented yet; leave it at "
+                              f"{default!r}")
+  if c.dataset_type in NOT_IMPLEMENTED_DATASETS:
+    raise NotImplementedYet(f"dataset_type={c.dataset_type!r} is not implemented yet; use "
+                            "dataset_type=synthetic")
+  for field, (off, (switch, on)) in GATED.items():
+    value = _plain(c[field])
+    if field in ("names_which_can_be_saved", "names_which_can_be_offloaded"):
+      value = names(value)
+    if value != _plain(off) and not on(c):
+      _fail(f"{field}={value!r} has no effect unless {switch}; leave it at {_plain(off)!r}")
+  if names(c.mesh_axes) != sharding.MESH_AXES:
+    _fail(f"mesh_axes must be {','.join(sharding.MESH_AXES)}; got {','.join(names(c.mesh_axes))}")
+  try:
+    remat.check_names(names(c.names_which_can_be_saved) + names(c.names_which_can_be_offloaded))
+  except ValueError as e:
+    _fail(str(e))
+  _check_ranges(c)
+
+
+def _check_ranges(c):
+  rules = [
+      ("learning_rate", c.learning_rate > 0, "> 0"),
+      ("adam_b1", 0 <= c.adam_b1 < 1, "in [0, 1)"),
+      ("adam_b2", 0 <= c.adam_b2 < 1, "in [0, 1)"),
+      ("adam_eps", c.adam_eps > 0, "> 0"),
+      ("adam_weight_decay", c.adam_weight_decay >= 0, ">= 0"),
+      ("warmup_steps_fraction", 0 <= c.warmup_steps_fraction <= 1, "in [0, 1]"),
+      ("learning_rate_schedule_steps", c.learning_rate_schedule_steps == -1
+       or c.learning_rate_schedule_steps >= 1, "-1 (the number of steps) or >= 1"),
+      ("num_train_epochs", c.num_train_epochs >= 1, ">= 1"),
+      ("per_device_batch_size", c.per_device_batch_size > 0, "> 0"),
+      ("global_batch_size", c.global_batch_size >= 0, ">= 0 (0: per_device_batch_size)"),
+      ("flow_shift", c.flow_shift > 0, "> 0 (1 = no shift)"),
+      ("logit_std", c.logit_std > 0, "> 0"),
+      ("caption_dropout", 0 <= c.caption_dropout < 1, "in [0, 1)"),
+      ("dropout", 0 <= c.dropout < 1, "in [0, 1)"),
+      ("boundary", 0 <= c.boundary < 1, "in (0, 1), or 0 for the model's own"),
+      ("height", c.height > 0, "> 0"), ("width", c.width > 0, "> 0"),
+      ("num_frames", c.num_frames > 0, "> 0"),
+      ("max_sequence_length", c.max_sequence_length >= 1, ">= 1"),
+      ("synthetic_num_samples", c.synthetic_num_samples is None or c.synthetic_num_samples >= 1,
+       ">= 1, or None for an infinite stream"),
+      ("checkpoint_every", c.checkpoint_every == -1 or c.checkpoint_every > 0,
+       "-1 (no checkpoints) or > 0 samples"),
+      ("checkpoints_to_keep", c.checkpoints_to_keep >= 1, ">= 1"),
+      ("log_every", c.log_every >= 1, ">= 1"),
+      ("tensorboard_flush_period", c.tensorboard_flush_period >= 1, ">= 1"),
+      ("skip_first_n_steps_for_profiler", c.skip_first_n_steps_for_profiler >= 0, ">= 0"),
+      ("profiler_steps", c.profiler_steps >= 1, ">= 1"),
+      ("seed", c.seed >= 0, ">= 0"),
+      ("flash_min_seq_length", c.flash_min_seq_length >= 0, ">= 0"),
+  ]
+  rules += [(f"synthetic_override_{n}", c[f"synthetic_override_{n}"] >= 0, ">= 0 (0: no override)")
+            for n in ("height", "width", "num_frames", "max_sequence_length")]
+  for field, ok, what in rules:
+    if not ok:
+      _fail(f"{field}={c[field]!r} must be {what}")
+  if not c.run_name or "/" in c.run_name:
+    _fail(f"run_name={c.run_name!r} must be a non-empty name without '/'")
+  if c.coordinator_address and (c.num_processes < 1 or not 0 <= c.process_id < c.num_processes):
+    _fail(f"coordinator_address needs num_processes >= 1 and 0 <= process_id < num_processes; "
+          f"got num_processes={c.num_processes}, process_id={c.process_id}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model: family, architecture, options.
+
+
+def local_path(path: str) -> str:
+  """A config path made absolute (`~` expanded, relative to the working directory); bucket URLs
+  and "" unchanged. Orbax and later processes need absolute paths."""
+  if not path or fs.is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def _family(c) -> families.Family:
+  if c.model_preset not in transformer.PRESETS:
+    _fail(f"model_preset={c.model_preset!r} is not one of {sorted(transformer.PRESETS)}")
+  family = families.FAMILIES[families.PRESET_FAMILIES[c.model_preset]]
+  if c.model_name != family.model_name:
+    _fail(f"model_name={c.model_name} does not match model_preset={c.model_preset}, a "
+          f"{family.model_name} model ({family.name}); set model_name={family.model_name} or use "
+          f"a {c.model_name} config")
+  if c.model_type not in family.model_types:
+    kind = "an image-to-video" if c.model_type == "I2V" else "a text-to-video"
+    _fail(f"model_type={c.model_type} needs {kind} model, and model_preset={c.model_preset} "
+          f"({family.name}) is {'/'.join(family.model_types)} only; set "
+          f"model_type={family.model_types[0]} or use a {c.model_type} config")
+  if not family.experts:
+    if c.expert != "high_noise":
+      _fail(f"expert={c.expert} applies only to the two-expert Wan 2.2 A14B models "
+            f"(configs/wan22_t2v.py, configs/wan22_i2v.py); {family.name} has one")
+    if c.boundary:
+      _fail(f"boundary={c.boundary} applies only to the two-expert Wan 2.2 A14B models; "
+            f"{family.name} has one; leave it at 0")
+  return family
+
+
+def _architecture(c, family, weights_path: str, latent_channels: int):
+  """(architecture, boundary): the checkpoint's when there is one (else the preset's), checked
+  against the family."""
+  boundary = family.boundary
+  if weights_path:
+    arch = transformer.Config.from_diffusers(
+        transformer_weights.read_architecture(weights_path, c.expert))
+    index = weight_roots.model_index(weights_path)
+    if index is not None:
+      ratio = index.get("boundary_ratio")
+      if (ratio is not None) != family.experts:
+        _fail(f"{weights_path}: model_index.json "
+              f"{'has' if ratio is not None else 'has no'} boundary_ratio (a "
+              f"{'two' if ratio is not None else 'one'}-expert model), but model_preset="
+              f"{c.model_preset} is {family.name}; use a config of the checkpoint's family")
+      boundary = ratio if ratio is not None else boundary
+    source = f"the checkpoint at {weights_path}"
+  else:
+    arch, source = transformer.PRESETS[c.model_preset], f"model_preset={c.model_preset}"
+  problems = families.architecture_problems(family, arch, latent_channels)
+  if problems:
+    _fail(f"{source} does not fit the {family.name} family of model_preset={c.model_preset} "
+          f"({'; '.join(problems)}); use the config of the checkpoint's model family")
+  return arch, (c.boundary or boundary)
+
+
+def _options(c) -> transformer.Options:
+  try:
+    return transformer.Options(
+        weights_dtype=c.weights_dtype, activations_dtype=c.activations_dtype,
+        precision=c.precision, attention=c.attention,
+        flash_min_seq_length=c.flash_min_seq_length,
+        flash_block_sizes=tuple(sorted(c.flash_block_sizes.items())) or None,
+        split_head_dim=c.split_head_dim, attention_sharding_uniform=c.attention_sharding_uniform,
+        mask_padding_tokens=c.mask_padding_tokens, scan_layers=c.scan_layers,
+        remat_policy=c.remat_policy, names_which_can_be_saved=names(c.names_which_can_be_saved),
+        names_which_can_be_offloaded=names(c.names_which_can_be_offloaded), dropout=c.dropout)
+  except ValueError as e:
+    _fail(str(e))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes, mesh and batch.
+
+
+def _latent_shape(c, model, vae_cfg):
+  spatial, temporal = vae_cfg.scale_factor_spatial, vae_cfg.scale_factor_temporal
+  height = c.synthetic_override_height or c.height
+  width = c.synthetic_override_width or c.width
+  frames = c.synthetic_override_num_frames or c.num_frames
+  if (frames - 1) % temporal:
+    k = (frames - 1) // temporal
+    _fail(f"num_frames={frames} must be {temporal}k+1 (the VAE compresses time {temporal}x after "
+          f"the first frame); use {temporal * k + 1} or {temporal * k + temporal + 1}")
+  _, ph, pw = model.patch_size
+  for name, size, patch in (("height", height, ph), ("width", width, pw)):
+    factor = spatial * patch
+    if size % factor:
+      _fail(f"{name}={size} must be divisible by {factor} (VAE {spatial}x times patch {patch}); "
+            f"use {size // factor * factor or factor} or {(size // factor + 1) * factor}")
+  return ((frames - 1) // temporal + 1, height // spatial, width // spatial, vae_cfg.z_dim)
+
+
+def _mesh(c, devices: Devices):
+  axes = sharding.MESH_AXES
+  try:
+    return sharding.mesh_shape({a: c[f"ici_{a}"] for a in axes}, {a: c[f"dcn_{a}"] for a in axes},
+                               devices.count, devices.granules or devices.processes)
+  except ValueError as e:
+    _fail(str(e))
+
+
+def _batch(c, devices: Devices, mesh_shape):
+  if c.global_batch_size > 0:
+    global_batch = int(c.global_batch_size)
+  else:
+    exact = c.per_device_batch_size * devices.count
+    if abs(exact - round(exact)) > 1e-9 or round(exact) < 1:
+      _fail(f"per_device_batch_size={c.per_device_batch_size} x {devices.count} devices = "
+            f"{exact:g} is not a whole global batch; use a multiple of 1/{devices.count} or set "
+            "global_batch_size")
+    global_batch = round(exact)
+  if global_batch % mesh_shape["data"]:
+    _fail(f"global batch {global_batch} does not split over data parallelism "
+          f"{mesh_shape['data']}; use a global batch that is a multiple of {mesh_shape['data']}")
+  if global_batch % devices.processes:
+    _fail(f"global batch {global_batch} does not split over {devices.processes} hosts; use a "
+          f"multiple of {devices.processes}")
+  return global_batch
+
+
+def _num_steps(c, global_batch):
+  if c.max_train_steps > 0:
+    return int(c.max_train_steps)
+  if c.synthetic_num_samples:
+    return int(c.num_train_epochs) * math.ceil(c.synthetic_num_samples / global_batch)
+  _fail("max_train_steps <= 0 and the data set is infinite: set max_train_steps, or "
+        "synthetic_num_samples with num_train_epochs")
+
+
+def _place_parameters(decls, mesh_shape, dtype) -> tuple[float, int]:
+  """Refuses large parameters that the mesh would leave whole on every device (against the rule
+  table); returns (parameter bytes per device, bytes of parameters whole on every device)."""
+  placed = params.placements(decls, mesh_shape, dtype)
+  large = [r for r in placed if r.unplaced and r.nbytes > MAX_REPLICATED_BYTES]
+  if large:
+    r = large[0]
+    pool = mesh_shape["data"] * mesh_shape["fsdp"]  # devices that data and fsdp share
+    works = [f for f in _divisors(pool)
+             if not any(x.unplaced and x.nbytes > MAX_REPLICATED_BYTES for x in params.placements(
+                 decls, dict(mesh_shape, data=pool // f, fsdp=f), dtype))]
+    sizes = " x ".join(f"{a}={mesh_shape[a]}" for a in r.unplaced)
+    more = f" (and {len(large) - 1} more)" if len(large) > 1 else ""
+    fix = (f"use fsdp = {_listing(works)} (ici_fsdp x dcn_fsdp), giving the other devices to "
+           "data parallelism" if works and "fsdp" in r.unplaced else "change the mesh sizes")
+    _fail(f"{len(large)} parameter(s) would be whole on every device: {r.path} {r.shape} "
+          f"({_size(r.nbytes)}) has no dimension that {sizes} divides{more}; {fix}")
+  per_device = sum(r.per_device_bytes(mesh_shape) for r in placed)
+  whole = sum(r.nbytes for r in placed if not any(r.spec)) if math.prod(
+      mesh_shape.values()) > mesh_shape["data"] else 0  # pure data parallelism: by design
+  return per_device, whole
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan.
+
+
+def _outputs(c) -> Outputs:
+  output_dir = local_path(c.output_dir)
+  run_dir = fs.join(output_dir, c.run_name)
+  checkpoint_dir = local_path(c.checkpoint_dir) or fs.join(run_dir, "checkpoints")
+  for field, path in (("output_dir", run_dir), ("checkpoint_dir", checkpoint_dir)):
+    _check_writable(field, path)
+  if c.write_metrics and c.gcs_metrics != fs.is_remote(output_dir):
+    _fail(f"gcs_metrics={c.gcs_metrics} but output_dir={c.output_dir!r} is "
+          f"{'a bucket' if fs.is_remote(output_dir) else 'local'}; metrics are written under "
+          f"output_dir, so set gcs_metrics={fs.is_remote(output_dir)}")
+  return Outputs(
+      run_dir=run_dir, checkpoint_dir=checkpoint_dir, checkpoint_every=int(c.checkpoint_every),
+      checkpoints_to_keep=int(c.checkpoints_to_keep), save_optimizer=c.save_optimizer,
+      write_metrics=c.write_metrics, flush_every=int(c.tensorboard_flush_period),
+      log_every=int(c.log_every),
+      profile_steps=((int(c.skip_first_n_steps_for_profiler), int(c.profiler_steps))
+                     if c.enable_profiler else None),
+      named_scopes=c.enable_jax_named_scopes, jax_cache_dir=local_path(c.jax_cache_dir))
+
+
+def _check_writable(field, path):
+  """A local directory that exists and is writable, or can be created under one that is."""
+  if fs.is_remote(path):
+    return
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    _fail(f"{field}: {path} cannot be written ({existing} is "
+          f"{'not a directory' if not os.path.isdir(existing) else 'not writable'}); choose "
+          f"another {field}")
+
+
+def make(c, devices) -> Plan:
+  """Validates `c` for `devices` (a Devices, or jax devices) and returns the run's Plan
+  (nothing is built or written)."""
+  if not isinstance(devices, Devices):
+    devices = Devices.of(devices)
+  check(c)
+  if c.hardware != devices.platform:
+    _fail(f"hardware={c.hardware} but the devices are {devices.platform}; set "
+          f"hardware={devices.platform}" + (" (or JAX_PLATFORMS=cpu)" if c.hardware == "cpu"
+                                            else ""))
+  if c.attention == "cudnn_flash_te" and devices.platform != "gpu":
+    _fail(f"attention=cudnn_flash_te runs cuDNN flash attention on NVIDIA GPUs; these devices "
+          f"are {devices.platform}: use attention=flash (or ring, dot_product)")
+  family = _family(c)
+  vae_cfg = vae.PRESETS[family.vae]
+  weights_path = local_path(c.transformer_pretrained_model_name_or_path
+                            or c.pretrained_model_name_or_path)
+  model, boundary = _architecture(c, family, weights_path, vae_cfg.z_dim)
+  options = _options(c)
+  ici, dcn = _mesh(c, devices)
+  mesh_shape = {a: ici[a] * dcn[a] for a in sharding.MESH_AXES}
+  heads, tensor = model.num_attention_heads, mesh_shape["tensor"]
+  if heads % tensor:
+    _fail(f"tensor parallelism {tensor} does not divide {heads} heads; use "
+          f"{_listing(_divisors(heads))}")
+  latent_shape = _latent_shape(c, model, vae_cfg)
+  pt, ph, pw = model.patch_size
+  seq_len = (latent_shape[0] // pt) * (latent_shape[1] // ph) * (latent_shape[2] // pw)
+  context = mesh_shape["context"]
+  if seq_len % context:
+    _fail(f"context parallelism {context} does not divide the {seq_len} video tokens of "
+          f"{latent_shape[:3]} latents; use one of "
+          f"{[d for d in _divisors(seq_len) if d <= devices.count]}")
+  if not c.attention_sharding_uniform and context == 1:
+    _fail("attention_sharding_uniform=False has no effect without context parallelism "
+          "(ici_context or dcn_context > 1); leave it at True")
+  global_batch = _batch(c, devices, mesh_shape)
+  num_steps = _num_steps(c, global_batch)
+  decls = transformer.declarations(model)
+  per_device, whole = _place_parameters(decls, mesh_shape, DTYPES[c.weights_dtype])
+  schedule_steps = (num_steps if c.learning_rate_schedule_steps < 0
+                    else int(c.learning_rate_schedule_steps))
+  if boundary is None:
+    sigma_range = (0.0, 1.0)
+  else:
+    sigma_range = (boundary, 1.0) if c.expert == "high_noise" else (0.0, boundary)
+  return Plan(
+      family=family, model=model, options=options, weights=weights_path, expert=c.expert,
+      seed=int(c.seed), ici=ici, dcn=dcn, global_batch=global_batch, latent_shape=latent_shape,
+      text_len=c.synthetic_override_max_sequence_length or c.max_sequence_length,
+      image_len=family.image_tokens, conditioning=family.conditioning(c.model_type),
+      seq_len=seq_len, num_steps=num_steps,
+      flow=flow.Settings(sampling=c.timestep_sampling, logit_mean=c.logit_mean,
+                         logit_std=c.logit_std, shift=c.flow_shift, sigma_range=sigma_range,
+                         bell_weighting=not c.disable_training_weights,
+                         caption_dropout=c.caption_dropout),
+      optimizer=optim.Settings(
+          learning_rate=c.learning_rate * (global_batch if c.scale_lr else 1),
+          schedule=c.lr_schedule, warmup_steps=int(c.warmup_steps_fraction * schedule_steps),
+          schedule_steps=schedule_steps, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps,
+          weight_decay=c.adam_weight_decay, max_grad_norm=c.max_grad_norm),
+      data=DataSettings(c.dataset_type, c.synthetic_num_samples),
+      outputs=_outputs(c),
+      param_count=params.count(decls), param_bytes=params.nbytes(decls, DTYPES[c.weights_dtype]),
+      param_bytes_per_device=per_device, replicated_bytes=whole)
