@@ -35,12 +35,20 @@ def _readme_main_command() -> str:
 
 
 def _scratch_copy(tmp_path):
-  """The tracked and new files of the checkout (what a fresh clone has), without outputs."""
-  files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+  """What a fresh clone has: the files git tracks or would add (without outputs or the venv);
+  where there is no git (a Bazel sandbox), the tree as it is, without the same."""
   dst = tmp_path / "clone"
+  try:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+  except (OSError, subprocess.CalledProcessError):
+    skip = {".git", ".venv", "out", "__pycache__", ".pytest_cache"}
+    files = []
+    for directory, subdirs, names in os.walk(ROOT):
+      subdirs[:] = [d for d in subdirs if d not in skip]
+      files += [os.path.relpath(os.path.join(directory, n), ROOT) for n in names]
   for name in files:
-    if os.path.exists(os.path.join(ROOT, name)):
+    if os.path.isfile(os.path.join(ROOT, name)):
       os.makedirs(dst / os.path.dirname(name), exist_ok=True)
       shutil.copy2(os.path.join(ROOT, name), dst / name)
   return dst
