@@ -208,6 +208,7 @@ def test_assembled_loss_matches_float64_numpy(module, model_type, bell):
   if bell:
     per_sample = per_sample * _bell_numpy(sigma, p_.flow.shift)
   want = per_sample.mean()
+  print(f"assembled loss rel. error {abs(float(got) - want) / abs(want):.2e}")
   assert abs(float(got) - want) <= 1e-5 * abs(want), (float(got), want)
 
 

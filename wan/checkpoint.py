@@ -11,6 +11,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from wan import fs
+from wan.errors import CheckpointError
 
 
 class Checkpointer:
@@ -45,7 +46,7 @@ class Checkpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:  # JSON/tensorstore errors too
-      raise ValueError(
+      raise CheckpointError(
           f"checkpoint at step {step} in {self._manager.directory} cannot be restored: it is "
           f"damaged or does not fit this run's model and optimizer (written by a different "
           f"config, or with save_optimizer={not self._save_optimizer}?). Delete that step's "
