@@ -25,7 +25,7 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import jax
-  from wan import data, metrics, plan as plan_lib, train, transformer
+  from wan import data, metrics, plan as plan_lib, train
 
   c = _CONFIG.value
   plan = plan_lib.make(c, plan_lib.Devices.of(jax.devices()))
@@ -48,10 +48,7 @@ def main(argv):
     step_s = (time.perf_counter() - t0) / _STEPS.value
 
   devices = run.mesh.devices.size
-  f, h, w, _ = plan.latent_shape
-  flops = 3 * transformer.flops(plan.model, plan.global_batch, f, h, w, plan.text_len,
-                                plan.image_len, plan.conditioning == "first_frame")
-  tflops = flops / step_s / devices / 1e12
+  tflops = train.step_flops(plan) / step_s / devices / 1e12
   peak = metrics.peak_tflops(jax.devices()[0])
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   peak_mem = max((m.get("peak_bytes_in_use", 0) for m in mem), default=0)

@@ -1,8 +1,6 @@
 """Attention routing (wan/attention.py): every implementation against dot_product, alone and
 under meshes, and the model's loss and gradients with flash and ring (context 2/4/8)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np

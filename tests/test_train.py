@@ -12,7 +12,8 @@ import pytest
 
 import launch
 from configs import wan21_i2v, wan21_t2v, wan22_i2v, wan22_t2v, wan22_ti2v
-from wan import checkpoint, conditioning, data, flow, plan, train, transformer
+from tests.conftest import GOLDEN_DIR
+from wan import checkpoint, conditioning, data, plan, train, transformer
 
 
 def _tiny(module=wan21_t2v, **overrides):
@@ -252,3 +253,22 @@ def test_metrics_are_on_disk_before_each_checkpoint(tmp_path, monkeypatch):
   _train(_tiny(max_train_steps=5, checkpoint_every=8, write_metrics=True,
                tensorboard_flush_period=100, output_dir=str(tmp_path)), jax.devices()[:1])
   assert seen == {2: [1, 2], 4: [1, 2, 3, 4], 5: [1, 2, 3, 4, 5]}
+
+
+def test_resume_without_a_saved_optimizer_state(tmp_path, compilation_cache, monkeypatch):
+  """The params come back exactly (the first resumed loss equals the uninterrupted run's) and
+  the optimizer starts afresh; a resume reads the checkpoint, not the pretrained weights."""
+  common = dict(checkpoint_every=8, save_optimizer=False, learning_rate_schedule_steps=3,
+                pretrained_model_name_or_path=os.path.join(GOLDEN_DIR, "transformer_t2v"))
+  full = _train(_tiny(max_train_steps=3, output_dir=str(tmp_path / "full"), **common),
+                jax.devices()[:1])
+  part = str(tmp_path / "part")
+  first = _train(_tiny(max_train_steps=2, output_dir=part, **common), jax.devices()[:1])
+
+  def no_load(*args, **kwargs):
+    raise AssertionError("a resumed run loaded the pretrained weights")
+
+  monkeypatch.setattr(transformer, "load", no_load)
+  resumed = _train(_tiny(max_train_steps=3, output_dir=part, **common), jax.devices()[:1])
+  assert first == full[:2] and len(resumed) == 1
+  assert resumed[0] == full[2]

@@ -7,7 +7,6 @@ dense bf16 peak where it is known.
 
 import json
 import math
-import os
 import time
 
 import jax
@@ -55,12 +54,10 @@ def _keep_rows_until(path: str, step: int):
   kept = [l for l in lines if l.strip() and json.loads(l).get("step", 0) <= step]
   if len(kept) == len(lines):
     return
-  # Local: a new file renamed over the old; a bucket object is replaced whole anyway.
-  tmp = path if fs.is_remote(path) else f"{path}.tmp-{os.getpid()}"
+  tmp = fs.sibling(path, "tmp")  # written whole, then renamed over the old file
   with fs.open_file(tmp, "w") as f:
     f.write("".join(l + "\n" for l in kept))
-  if tmp != path:
-    os.replace(tmp, path)
+  fs.replace(tmp, path)
 
 
 class Writer:
@@ -72,7 +69,7 @@ class Writer:
 
   def __init__(self, run_dir: str, total_steps: int, write_files: bool = True,
                flush_every: int = 10, first_step: int = 0):
-    self._total, self._first = total_steps, first_step
+    self._total = total_steps
     self._on = jax.process_index() == 0
     self._files = self._on and write_files
     self._flush_every = max(1, flush_every)

@@ -126,7 +126,7 @@ class Placement:
   unplaced: tuple[str, ...]  # mesh axes its logical axes ask for that no dimension could take
 
   def per_device_bytes(self, mesh) -> float:
-    sizes = dict(mesh if isinstance(mesh, dict) else mesh.shape)
+    sizes = sharding.axis_sizes(mesh)
     axes = [a for e in self.spec if e for a in ((e,) if isinstance(e, str) else e)]
     return self.nbytes / math.prod(sizes[a] for a in axes)
 
@@ -137,15 +137,17 @@ def placements(decls, mesh, dtype=jnp.float32, rules=sharding.RULES) -> list[Pla
   for path, p in jax.tree.flatten_with_path(decls, is_leaf=is_param)[0]:
     spec, unplaced = sharding.param_spec(p.axes, p.shape, mesh, rules)
     out.append(Placement(jax.tree_util.keystr(path, simple=True, separator="/"), p.shape,
-                         math.prod(p.shape) * jnp.dtype(p.dtype or dtype).itemsize, spec,
-                         unplaced))
+                         _nbytes(p, dtype), spec, unplaced))
   return out
+
+
+def _nbytes(p: Param, dtype) -> int:
+  return math.prod(p.shape) * jnp.dtype(p.dtype or dtype).itemsize
 
 
 def nbytes(decls, dtype=jnp.float32) -> int:
   """Bytes of all parameters (pinned dtypes as declared, the rest in `dtype`)."""
-  return sum(math.prod(p.shape) * jnp.dtype(p.dtype or dtype).itemsize
-             for p in jax.tree.leaves(decls, is_leaf=is_param))
+  return sum(_nbytes(p, dtype) for p in jax.tree.leaves(decls, is_leaf=is_param))
 
 
 def count(decls) -> int:

@@ -44,7 +44,7 @@ def _mesh_axes_for(name, rules):
   raise KeyError(f"logical axis {name!r} has no entry in the sharding rule table")
 
 
-def _sizes(mesh) -> dict:
+def axis_sizes(mesh) -> dict:
   """Axis sizes of a Mesh, an AbstractMesh or a plain {axis: size} dict."""
   return dict(mesh if isinstance(mesh, dict) else mesh.shape)
 
@@ -57,7 +57,7 @@ def spec(axes, shape=None, mesh=None, rules=RULES) -> jax.P:
   that dimension's list, so activations of any size place (a batch of 6 on data x fsdp = 4
   keeps data only). Parameters go through `param_spec`, which never drops an axis silently.
   """
-  return _spec(axes, shape, None if mesh is None else _sizes(mesh), rules)[0]
+  return _spec(axes, shape, None if mesh is None else axis_sizes(mesh), rules)[0]
 
 
 def _spec(axes, shape, sizes, rules):
@@ -90,7 +90,7 @@ def param_spec(axes, shape, mesh, rules=RULES) -> tuple[jax.P, tuple[str, ...]]:
   dimension), never to the stacked "layers" axis that `lax.scan` slices. Axes that fit nowhere
   are returned, so that the plan can refuse large parameters left whole on every device.
   """
-  sizes = _sizes(mesh)
+  sizes = axis_sizes(mesh)
   spec_, unplaced = _spec(axes, shape, sizes, rules)
   entries = [[] if e is None else [e] if isinstance(e, str) else list(e) for e in spec_]
   used = {a for e in entries for a in e}

@@ -47,6 +47,19 @@ def setup(plan: Plan, devices=None) -> Run:
   return Run(plan, mesh, tx, state_shardings)
 
 
+def abstract_state(run: Run) -> dict:
+  """ShapeDtypeStructs (with shardings) of the train state: what a checkpoint restores into."""
+  params = transformer.abstract(run.plan.model, DTYPES[run.plan.options.weights_dtype])
+  shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+            "opt_state": jax.eval_shape(run.tx.init, params)}
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                      run.state_shardings)
+
+
+def _init_optimizer(run: Run, params):
+  return jax.jit(run.tx.init, out_shardings=run.state_shardings["opt_state"])(params)
+
+
 def init_state(run: Run) -> dict:
   """Step 0: pretrained (or randomly initialised) params and a fresh optimizer state."""
   plan = run.plan
@@ -60,7 +73,7 @@ def init_state(run: Run) -> dict:
   else:
     p = jax.jit(lambda k: transformer.init(plan.model, k, dtype),
                 out_shardings=run.state_shardings["params"])(jax.random.key(plan.seed))
-  opt_state = jax.jit(run.tx.init, out_shardings=run.state_shardings["opt_state"])(p)
+  opt_state = _init_optimizer(run, p)
   step = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings["step"])
   return {"step": step, "params": p, "opt_state": opt_state}
 
@@ -169,14 +182,20 @@ def _log(message):
     print(message, flush=True)
 
 
+def step_flops(plan: Plan) -> float:
+  """FLOPs of one train step as MaxDiffusion counts them: 3 x the forward's matmuls (remat
+  recomputation not counted)."""
+  f, h, w, _ = plan.latent_shape
+  return 3 * transformer.flops(plan.model, plan.global_batch, f, h, w, plan.text_len,
+                               plan.image_len, per_token_timestep=plan.conditioning == "first_frame")
+
+
 class _Reporter:
   """Reads a step's stats (after the next step is dispatched) and writes its metrics row."""
 
   def __init__(self, run: Run, writer: metrics.Writer):
     plan = run.plan
-    f, h, w, _ = plan.latent_shape
-    self._flops = 3 * transformer.flops(plan.model, plan.global_batch, f, h, w, plan.text_len,
-                                        plan.image_len, plan.conditioning == "first_frame")
+    self._flops = step_flops(plan)
     self._devices = run.mesh.devices.size
     self._peak = metrics.peak_tflops(run.mesh.devices.flat[0])
     self._plan, self._writer = plan, writer
@@ -215,18 +234,20 @@ def train(plan: Plan, devices=None) -> list[float]:
   out = plan.outputs
   _make_output_dirs(out)
   run = setup(plan, devices)
-  state = init_state(run)
   it = data.make(plan, run.mesh)
   ckpt, first = None, 0
   if out.checkpoint_every > 0:
     ckpt = checkpoint.Checkpointer(out.checkpoint_dir, out.checkpoints_to_keep,
                                    out.save_optimizer)
-    latest = ckpt.latest_step()
-    if latest is not None:
-      state, data_state = ckpt.restore(latest, state)
-      it.restore(data_state)
-      first = latest
-      _log(f"resumed from step {latest}")
+    first = ckpt.latest_step() or 0
+  if first:  # restored straight into place: the pretrained weights are not read at all
+    state, data_state = ckpt.restore(first, abstract_state(run))
+    if not out.save_optimizer:
+      state["opt_state"] = _init_optimizer(run, state["params"])
+    it.restore(data_state)
+    _log(f"resumed from step {first}")
+  else:
+    state = init_state(run)
   step_fn = make_step(run)
   writer = metrics.Writer(out.run_dir, plan.num_steps, out.write_metrics, out.flush_every,
                           first_step=first)

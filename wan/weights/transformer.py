@@ -148,9 +148,7 @@ def _architecture(directory: str, shapes: dict) -> tuple[dict, str]:
     raise CheckpointError(
         f"{config_path} is neither a diffusers WanTransformer3DModel config "
         "(num_attention_heads, ...) nor an original Wan config (dim, num_heads, ...)")
-  arch = {k: raw[k] for k in FIELDS if k in raw}
-  arch["out_channels"] = arch.get("out_channels") or arch.get("in_channels", 16)
-  return arch, "diffusers"
+  return {k: raw[k] for k in FIELDS if k in raw}, "diffusers"
 
 
 def read(path, expert: str = "high_noise") -> Checkpoint:
