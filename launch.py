@@ -1,7 +1,8 @@
 """Entry point: python launch.py --config=configs/wan22_t2v.py[:variant] [--config.field=value ...]
 
 Reads an ml_collections config, sets up the process (platform, multi-host cluster, compilation
-cache), plans the run and trains. A config or input error is one message on stderr and exit
+cache), plans the run and runs its job: train, or prepare (a data set into a cache of encoded
+samples, wan/data/prepare.py). A config or input error is one message on stderr and exit
 status 2; `--verbose` shows its traceback.
 """
 
@@ -113,6 +114,13 @@ def run(c):
   _set_platform(c)
   _initialize_distributed(c)
   import jax
+  if c.job == "prepare":
+    from wan.data import prepare
+    prep = plan_lib.preparation(c)
+    if jax.process_index() == 0:
+      print(prep.summary(), flush=True)
+    prepare.run(prep)
+    return
   from wan import train
   plan = plan_lib.make(c, plan_lib.Devices.of(jax.devices()))
   use_compilation_cache(plan.outputs.jax_cache_dir)

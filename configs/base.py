@@ -13,6 +13,7 @@ def get_config():
   c = ml_collections.ConfigDict()
 
   # Run.
+  c.job = "train"  # train | prepare (encode a data set into a cache, docs/data.md)
   c.run_name = "wan"
   # Local path (relative to the working directory, ~ allowed) or bucket (gs://...); outputs go
   # under {output_dir}/{run_name}/.
@@ -75,21 +76,38 @@ def get_config():
   c.names_which_can_be_offloaded = ()
   c.dropout = 0.0
 
-  # Data.
-  c.dataset_type = "synthetic"  # synthetic (tfrecord | hf | tf | grain: not implemented yet)
-  c.dataset_name = ""
+  # Data (docs/data.md). job=prepare encodes a data set into a cache (tfrecords_dir); training
+  # reads a cache (dataset_type=tfrecord | grain) or encodes on the fly (tf | hf).
+  c.dataset_type = "synthetic"  # synthetic | tfrecord | grain | tf | hf
+  c.dataset_name = ""  # hf: a Hugging Face data set on local disk (save_to_disk dir or data dir)
+  # prepare / tf: a folder of clips with captions, a metadata.csv or a .jsonl; tfrecord / grain:
+  # the cache that job=prepare wrote.
   c.train_data_dir = ""
-  c.train_split = "train"
-  c.load_tfrecord_cached = True
-  c.dataset_save_location = ""
-  c.image_column = "image"
-  c.caption_column = "text"
-  c.resolution = 720
+  c.dataset_config = ""  # prepare / tf: a musubi-tuner dataset TOML (instead of train_data_dir)
+  c.caption_extension = ".txt"  # folders: the caption of clip.mp4 is clip.txt
+  c.train_split = "train"  # hf
+  c.load_tfrecord_cached = True  # records hold latents + text states (the only kind written)
+  c.dataset_save_location = ""  # tf / hf: encode once into this cache, then train from it
+  c.image_column = "image"  # hf and metadata.csv: the clip column ("video"/"image" if absent)
+  c.caption_column = "text"  # hf and metadata.csv: the caption column ("prompt" if absent)
+  # Frame size: clips are resized and centre-cropped to height x width, or with enable_bucket
+  # to the aspect-ratio bucket of that area nearest to theirs. resolution > 0: a square area
+  # resolution x resolution instead (musubi's scalar resolution).
+  c.resolution = 0
   c.height = 720
   c.width = 1280
-  c.num_frames = 81
+  c.enable_bucket = False
+  c.bucket_no_upscale = False  # buckets never larger than the clip itself
+  c.num_frames = 81  # frames per clip (4k+1); the target_frames of folder/CSV/JSONL sources
+  c.frame_extraction = "head"  # head | chunk | slide | uniform | full (musubi-tuner's meanings)
+  c.frame_stride = 1  # slide: frames between clip starts
+  c.frame_sample = 1  # uniform: clips per video
+  c.max_frames = 129  # full: longest clip
+  c.source_fps = 0.0  # 0: each file's own frame rate; clips are resampled to the model's fps
+  c.num_repeats = 1  # passes over each clip per epoch
   c.max_sequence_length = 512
-  c.enable_data_shuffling = True
+  c.enable_data_shuffling = True  # seeded, reshuffled every epoch
+  c.pack_sequences = False  # pack clips of different buckets into one token sequence
   c.synthetic_num_samples = ml_collections.config_dict.placeholder(int)  # None = infinite
   c.synthetic_override_height = 0  # 0 = use height
   c.synthetic_override_width = 0
@@ -164,7 +182,8 @@ def get_config():
   c.bwd_quantization_calibration_method = "absmax"
   c.qwix_module_path = ".*"
 
-  # TFRecord creation (not implemented yet).
+  # Data preparation (job=prepare): the cache it writes, and records per shard (0: one shard per
+  # bucket and process).
   c.tfrecords_dir = ""
   c.no_records_per_shard = 0
   return c

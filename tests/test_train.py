@@ -230,8 +230,8 @@ def test_next_step_is_dispatched_before_metrics_are_read(monkeypatch):
   report = train._Reporter.__call__  # pylint: disable=protected-access
   monkeypatch.setattr(train, "make_step", recording_make_step)
   monkeypatch.setattr(train._Reporter, "__call__",  # pylint: disable=protected-access
-                      lambda self, step, stats: (events.append(("read", step)),
-                                                 report(self, step, stats)))
+                      lambda self, step, *rest: (events.append(("read", step)),
+                                                 report(self, step, *rest)))
   losses = _train(_tiny(max_train_steps=5), jax.devices()[:1])
   assert len(losses) == 5
   order = [e for e in events]

@@ -24,3 +24,12 @@ class CheckpointError(UserError, ValueError):
 
 class MissingFile(UserError, FileNotFoundError):
   """A file or directory that the config names does not exist or lacks what it should hold."""
+
+
+class BadSample(UserError, ValueError):
+  """One data file cannot be used (unreadable, corrupt, empty, too short or too small). Data
+  preparation skips it and lists `path` with `reason`; it never stops a job."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(f"{path}: {reason}")
+    self.path, self.reason = str(path), reason

@@ -21,6 +21,7 @@ class Family:
   i2v: str  # conditioning kind of an I2V run (wan/conditioning.py); "none" for T2V-only models
   image_tokens: int = 0  # CLIP states per sample (Wan 2.1 I2V: 257 of ViT-H/14 at 224 px)
   boundary: float | None = None  # two experts: sigma where the high-noise one hands over
+  fps: float = 16.0  # the frame rate it was trained at (clips are resampled to it)
 
   @property
   def experts(self) -> bool:
@@ -37,7 +38,7 @@ FAMILIES = {f.name: f for f in (
     # (model_index.json boundary_ratio: 0.875 T2V, 0.9 I2V).
     Family("wan2.2-t2v-a14b", "wan2.2", "wan2.1", ("T2V",), "none", boundary=0.875),
     Family("wan2.2-i2v-a14b", "wan2.2", "wan2.1", ("I2V",), "concat", boundary=0.9),
-    Family("wan2.2-ti2v-5b", "wan2.2", "wan2.2", ("T2V", "I2V"), "first_frame"),
+    Family("wan2.2-ti2v-5b", "wan2.2", "wan2.2", ("T2V", "I2V"), "first_frame", fps=24.0),
 )}
 
 # wan.transformer.PRESETS name -> family.

@@ -13,7 +13,8 @@ import dataclasses
 import math
 import os
 
-from wan import families, flow, fs, optim, params, remat, sharding, transformer, vae
+from wan import families, flow, fs, optim, params, plan_data, remat, sharding, transformer, vae
+from wan.data import sources
 from wan.weights import roots as weight_roots
 from wan.weights import transformer as transformer_weights
 from wan.errors import ConfigError, NotImplementedYet
@@ -32,20 +33,30 @@ ENUMS = {
     "lr_schedule": optim.SCHEDULES,
     "hardware": ("tpu", "gpu", "cpu"),
     "dataset_type": ("synthetic", "tfrecord", "hf", "tf", "grain"),
+    "job": ("train", "prepare"),
+    "frame_extraction": sources.FRAME_EXTRACTIONS,
 }
 
 # Fields of features that later work builds: any value but this one is refused.
 NOT_IMPLEMENTED = {
     "eval_every": -1, "eval_data_dir": "", "enable_generate_video_for_eval": False,
     "timestep_eval": False, "enable_ssim": False, "enable_lora": False,
-    "use_qwix_quantization": False, "tfrecords_dir": "", "no_records_per_shard": 0,
+    "use_qwix_quantization": False,
     "enable_single_replica_ckpt_restoring": False, "replicate_vae": False, "from_pt": True,
 }
-NOT_IMPLEMENTED_DATASETS = ("tfrecord", "hf", "tf", "grain")
+PREPARE_ALLOWS = ("eval_data_dir",)  # not implemented for training, but prepared already
 
-_REAL_DATA = ("dataset_type=tfrecord, hf, tf or grain (real data sets are not implemented "
-              "yet; synthetic data has no files, columns, shuffling or buckets)",
-              lambda c: c.dataset_type != "synthetic")
+_REAL_DATA = ("dataset_type=tfrecord, grain, tf or hf (synthetic data has no shuffling or "
+              "packing)", lambda c: c.job == "train" and c.dataset_type != "synthetic")
+_SOURCES = ("job=prepare or dataset_type=tf / hf (the fields that read and cut clips)",
+            plan_data.reads_sources)
+_FILES = ("job=prepare or dataset_type=tfrecord, grain or tf",
+          lambda c: c.dataset_type != "hf" and (c.job == "prepare" or c.dataset_type != "synthetic"))
+_PREPARE = ("job=prepare", lambda c: c.job == "prepare")
+_SYNTHETIC = ("dataset_type=synthetic (real data has the sizes of its clips)",
+              lambda c: c.job == "train" and c.dataset_type == "synthetic")
+_SAVE = ("dataset_type=tf or hf (a cache written while training)",
+         lambda c: c.job == "train" and c.dataset_type in ("tf", "hf"))
 _TIMESTEP_EVAL = ("timestep_eval=True (not implemented yet)", lambda c: c.timestep_eval)
 _GENERATION = ("enable_generate_video_for_eval=True (not implemented yet)",
                lambda c: c.enable_generate_video_for_eval)
@@ -56,11 +67,20 @@ _PROFILER = ("enable_profiler=True", lambda c: c.enable_profiler)
 # Fields that matter only when another field turns them on: (value when off, (what turns them
 # on, test)). A different value with the switch off would be silently ignored, so it is refused.
 GATED = {
-    "dataset_name": ("", _REAL_DATA), "train_data_dir": ("", _REAL_DATA),
-    "train_split": ("train", _REAL_DATA), "load_tfrecord_cached": (True, _REAL_DATA),
-    "dataset_save_location": ("", _REAL_DATA), "image_column": ("image", _REAL_DATA),
-    "caption_column": ("text", _REAL_DATA), "resolution": (720, _REAL_DATA),
-    "enable_data_shuffling": (True, _REAL_DATA),
+    "dataset_name": ("", ("dataset_type=hf", lambda c: c.dataset_type == "hf")),
+    "train_data_dir": ("", _FILES), "dataset_config": ("", _SOURCES),
+    "train_split": ("train", _SOURCES), "load_tfrecord_cached": (True, _REAL_DATA),
+    "dataset_save_location": ("", _SAVE), "image_column": ("image", _SOURCES),
+    "caption_column": ("text", _SOURCES), "caption_extension": (".txt", _SOURCES),
+    "resolution": (0, _SOURCES), "enable_bucket": (False, _SOURCES),
+    "bucket_no_upscale": (False, _SOURCES), "frame_extraction": ("head", _SOURCES),
+    "frame_stride": (1, _SOURCES), "frame_sample": (1, _SOURCES), "max_frames": (129, _SOURCES),
+    "source_fps": (0.0, _SOURCES), "num_repeats": (1, _SOURCES),
+    "enable_data_shuffling": (True, _REAL_DATA), "pack_sequences": (False, _REAL_DATA),
+    "tfrecords_dir": ("", _PREPARE), "no_records_per_shard": (0, _PREPARE),
+    "synthetic_num_samples": (None, _SYNTHETIC),
+    **{f"synthetic_override_{n}": (0, _SYNTHETIC)
+       for n in ("height", "width", "num_frames", "max_sequence_length")},
     "timesteps_list": ((125, 250, 375, 500, 625, 750, 875), _TIMESTEP_EVAL),
     "num_eval_samples": (420, _TIMESTEP_EVAL),
     "eval_max_number_of_samples_in_bucket": (60, _TIMESTEP_EVAL),
@@ -113,10 +133,7 @@ class Devices:
                sharding.granules(devices)[1], devices[0].platform)
 
 
-@dataclasses.dataclass(frozen=True)
-class DataSettings:
-  kind: str  # dataset_type
-  num_samples: int | None  # synthetic: samples in one epoch (None: infinite)
+DataSettings = plan_data.DataSettings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,7 +192,22 @@ class Plan:
             f"device), "
             f"{'weights from ' + self.weights if self.weights else 'random init'}\n"
             f"mesh {self.mesh_shape}, global batch {self.global_batch}, latents "
-            f"{f}x{h}x{w}x{c} = {self.seq_len} tokens/sample, {self.num_steps} steps")
+            f"{f}x{h}x{w}x{c} = {self.seq_len} tokens/sample, {self.num_steps} steps"
+            + self._data_summary())
+
+  def _data_summary(self) -> str:
+    d = self.data
+    if d.kind == "synthetic":
+      return ""
+    where = d.cache if d.kind in ("tfrecord", "grain") else "clips encoded on the fly"
+    buckets = ", ".join("x".join(map(str, s[:3])) for s in d.buckets)
+    line = (f"\ndata {d.kind} ({where}): {len(d.buckets)} buckets ({buckets}), "
+            f"{d.steps_per_epoch} steps per epoch")
+    skipped = (d.manifest or {}).get("skipped") or ()
+    if skipped and d.kind in ("tf", "hf"):
+      line += f"; {len(skipped)} files skipped:" + "".join(
+          f"\n  {path}: {reason}" for path, reason in skipped)
+    return line
 
 
 def _size(nbytes: float) -> str:
@@ -226,12 +258,9 @@ def check(c):
     if c[field] not in allowed:
       _fail(f"{field}={c[field]!r} is not one of {list(allowed)}")
   for field, default in NOT_IMPLEMENTED.items():
-    if c[field] != default:
+    if c[field] != default and not (c.job == "prepare" and field in PREPARE_ALLOWS):
       raise NotImplementedYet(f"{field}={c[field]!r} is not implemented yet; leave it at "
                               f"{default!r}")
-  if c.dataset_type in NOT_IMPLEMENTED_DATASETS:
-    raise NotImplementedYet(f"dataset_type={c.dataset_type!r} is not implemented yet; use "
-                            "dataset_type=synthetic")
   for field, (off, (switch, on)) in GATED.items():
     value = _plain(c[field])
     if field in ("names_which_can_be_saved", "names_which_can_be_offloaded"):
@@ -390,6 +419,24 @@ def _latent_shape(c, model, vae_cfg):
   return ((frames - 1) // temporal + 1, height // spatial, width // spatial, vae_cfg.z_dim)
 
 
+def _check_tokens(latent_shape, model, context: int, device_count: int):
+  """A latent shape the transformer and the context axis can take."""
+  pt, ph, pw = model.patch_size
+  f, h, w = latent_shape[:3]
+  if f % pt or h % ph or w % pw:
+    _fail(f"latents {f}x{h}x{w} do not split into {pt}x{ph}x{pw} patches; prepare the data "
+          "with this model's config")
+  grid = (f // pt, h // ph, w // pw)
+  if max(grid) > model.rope_max_seq_len:
+    _fail(f"latents {f}x{h}x{w} give {max(grid)} positions on one axis, more than the model's "
+          f"rope_max_seq_len={model.rope_max_seq_len}; use smaller clips")
+  seq_len = grid[0] * grid[1] * grid[2]
+  if seq_len % context:
+    _fail(f"context parallelism {context} does not divide the {seq_len} video tokens of "
+          f"{latent_shape[:3]} latents; use one of "
+          f"{[d for d in _divisors(seq_len) if d <= device_count]}")
+
+
 def _mesh(c, devices: Devices):
   axes = sharding.MESH_AXES
   try:
@@ -418,9 +465,11 @@ def _batch(c, devices: Devices, mesh_shape):
   return global_batch
 
 
-def _num_steps(c, global_batch):
+def _num_steps(c, global_batch, data):
   if c.max_train_steps > 0:
     return int(c.max_train_steps)
+  if data.steps_per_epoch:
+    return int(c.num_train_epochs) * data.steps_per_epoch
   if c.synthetic_num_samples:
     return int(c.num_train_epochs) * math.ceil(c.synthetic_num_samples / global_batch)
   _fail("max_train_steps <= 0 and the data set is infinite: set max_train_steps, or "
@@ -487,12 +536,25 @@ def _check_writable(field, path):
           f"another {field}")
 
 
+def preparation(c) -> plan_data.Preparation:
+  """Validates a job=prepare config and returns what it reads and writes (nothing is written)."""
+  check(c)
+  family = _family(c)
+  weights_path = local_path(c.transformer_pretrained_model_name_or_path
+                            or c.pretrained_model_name_or_path)
+  model, _ = _architecture(c, family, weights_path, vae.PRESETS[family.vae].z_dim)
+  _latent_shape(c, model, vae.PRESETS[family.vae])  # num_frames 4k+1, sizes in whole patches
+  return plan_data.preparation(c, family, model)
+
+
 def make(c, devices) -> Plan:
   """Validates `c` for `devices` (a Devices, or jax devices) and returns the run's Plan
   (nothing is built or written)."""
   if not isinstance(devices, Devices):
     devices = Devices.of(devices)
   check(c)
+  if c.job != "train":
+    _fail(f"job={c.job} has no training plan; the launcher runs it (plan.preparation)")
   if c.hardware != devices.platform:
     _fail(f"hardware={c.hardware} but the devices are {devices.platform}; set "
           f"hardware={devices.platform}" + (" (or JAX_PLATFORMS=cpu)" if c.hardware == "cpu"
@@ -513,18 +575,21 @@ def make(c, devices) -> Plan:
     _fail(f"tensor parallelism {tensor} does not divide {heads} heads; use "
           f"{_listing(_divisors(heads))}")
   latent_shape = _latent_shape(c, model, vae_cfg)
+  global_batch = _batch(c, devices, mesh_shape)
+  if c.dataset_type == "synthetic":
+    data = DataSettings(c.dataset_type, c.synthetic_num_samples, buckets=(latent_shape,))
+  else:
+    data = plan_data.stream(c, family, model, global_batch)
+  for shape in data.buckets:
+    _check_tokens(shape, model, mesh_shape["context"], devices.count)
   pt, ph, pw = model.patch_size
-  seq_len = (latent_shape[0] // pt) * (latent_shape[1] // ph) * (latent_shape[2] // pw)
-  context = mesh_shape["context"]
-  if seq_len % context:
-    _fail(f"context parallelism {context} does not divide the {seq_len} video tokens of "
-          f"{latent_shape[:3]} latents; use one of "
-          f"{[d for d in _divisors(seq_len) if d <= devices.count]}")
+  tokens = lambda s: (s[0] // pt) * (s[1] // ph) * (s[2] // pw)
+  latent_shape = max(data.buckets, key=tokens)  # the largest batch: memory and FLOPs
+  seq_len = tokens(latent_shape)
   if not c.attention_sharding_uniform and context == 1:
     _fail("attention_sharding_uniform=False has no effect without context parallelism "
           "(ici_context or dcn_context > 1); leave it at True")
-  global_batch = _batch(c, devices, mesh_shape)
-  num_steps = _num_steps(c, global_batch)
+  num_steps = _num_steps(c, global_batch, data)
   decls = transformer.declarations(model)
   per_device, whole = _place_parameters(decls, mesh_shape, DTYPES[c.weights_dtype])
   schedule_steps = (num_steps if c.learning_rate_schedule_steps < 0
@@ -548,7 +613,7 @@ def make(c, devices) -> Plan:
           schedule=c.lr_schedule, warmup_steps=int(c.warmup_steps_fraction * schedule_steps),
           schedule_steps=schedule_steps, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps,
           weight_decay=c.adam_weight_decay, max_grad_norm=c.max_grad_norm),
-      data=DataSettings(c.dataset_type, c.synthetic_num_samples),
+      data=data,
       outputs=_outputs(c),
       param_count=params.count(decls), param_bytes=params.nbytes(decls, DTYPES[c.weights_dtype]),
       param_bytes_per_device=per_device, replicated_bytes=whole)

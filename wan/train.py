@@ -182,10 +182,10 @@ def _log(message):
     print(message, flush=True)
 
 
-def step_flops(plan: Plan) -> float:
+def step_flops(plan: Plan, latent_shape=None) -> float:
   """FLOPs of one train step as MaxDiffusion counts them: 3 x the forward's matmuls (remat
-  recomputation not counted)."""
-  f, h, w, _ = plan.latent_shape
+  recomputation not counted), for batches of `latent_shape` (default the plan's largest)."""
+  f, h, w, _ = latent_shape or plan.latent_shape
   return 3 * transformer.flops(plan.model, plan.global_batch, f, h, w, plan.text_len,
                                plan.image_len, per_token_timestep=plan.conditioning == "first_frame")
 
@@ -195,21 +195,23 @@ class _Reporter:
 
   def __init__(self, run: Run, writer: metrics.Writer):
     plan = run.plan
-    self._flops = step_flops(plan)
+    self._flops = {}  # by latent shape: buckets differ
     self._devices = run.mesh.devices.size
     self._peak = metrics.peak_tflops(run.mesh.devices.flat[0])
     self._plan, self._writer = plan, writer
     self._last = time.perf_counter()
     self.losses = []
 
-  def __call__(self, step: int, stats):
+  def __call__(self, step: int, stats, latent_shape):
     stats = jax.device_get(stats)  # waits for the step to complete
     now = time.perf_counter()
     elapsed, self._last = now - self._last, now
     self.losses.append(float(stats["loss"]))
     plan = self._plan
     if (step + 1) % plan.outputs.log_every == 0 or step + 1 == plan.num_steps:
-      tflops = self._flops / elapsed / self._devices / 1e12
+      if latent_shape not in self._flops:
+        self._flops[latent_shape] = step_flops(plan, latent_shape)
+      tflops = self._flops[latent_shape] / elapsed / self._devices / 1e12
       self._writer.write(step + 1, {**stats, "step_time": elapsed, "tflops_per_device": tflops,
                                     "mfu": tflops / self._peak if self._peak else None,
                                     "samples_per_second": plan.global_batch / elapsed})
@@ -258,10 +260,11 @@ def train(plan: Plan, devices=None) -> list[float]:
   with jax.set_mesh(run.mesh):
     for step in range(first, plan.num_steps):
       profiler.before_step(step)
-      state, stats = step_fn(state, next(it))
+      batch = next(it)
+      state, stats = step_fn(state, batch)
       if pending is not None:
         report(*pending)
-      pending = (step, stats)
+      pending = (step, stats, batch["latents"].shape[1:])
       done = step + 1
       due = ckpt and (done * b // out.checkpoint_every > step * b // out.checkpoint_every
                       or done == plan.num_steps)
@@ -273,6 +276,8 @@ def train(plan: Plan, devices=None) -> list[float]:
     if pending is not None:
       report(*pending)
   profiler.stop()
+  if hasattr(it, "close"):
+    it.close()
   writer.close()
   if ckpt:
     ckpt.close()

@@ -7,17 +7,22 @@ key/value projections), Wan 2.2 A14B (two experts of the same shape) and Wan 2.2
 padding masks) is a separate value, `Options`, which the training plan builds.
 
 Data flow of `forward`:
-  latents (B, F, H, W, C) -> patch embedding -> tokens (B, S, D), S = F/pt * H/ph * W/pw
+  latents (B, F, H, W, C) -> patchify -> (B, S, pt*ph*pw*C), S = F/pt * H/ph * W/pw
+  -> patch embedding (a dense) -> tokens (B, S, D)
   timestep -> sinusoidal embedding -> time MLP -> temb (B, D) and 6-way modulation (B, 6, D)
-  text (B, L, text_dim) -> text MLP -> context (B, L, D); Wan 2.1 I2V prepends image tokens
+  text (B, L, text_dim) -> text MLP -> context (B, L, D); Wan 2.1 I2V adds image tokens
   tokens -> num_layers x block(self-attn with 3D RoPE, cross-attn, FFN; adaLN-modulated)
   -> output head (2-way modulation) -> unpatchify -> (B, F, H, W, C_out)
+`forward_packed` runs the same network (`_network`) from the patchify step on: rows of several
+clips of different sizes (wan/data/packing.py), kept apart by segment ids in every attention,
+each token with its own clip's RoPE position and timestep.
 
 Checkpoint names and layouts live in `wan/weights/transformer.py`, remat policies in
 `wan/remat.py`; `load`, `save` and `flops` are part of this module's API.
 """
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -269,31 +274,78 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
 
 
-def rope_tables(cfg: Config, grid: tuple[int, int, int]):
-  """3D RoPE cos/sin per token and rotation pair: (S, head_dim // 2) each, float32.
+def patchify(latents, patch_size):
+  """Non-overlapping (pt, ph, pw) patches, each flattened in (pt, ph, pw, C) order, frame-major.
 
-  The head dim is split into frame / height / width parts (h = w = 2 * (head_dim // 6), the rest
-  for frames); each part rotates its pairs by position * theta^(-2i/part). Computed in float64
-  with NumPy (static shapes), like the reference.
+  latents: (..., F, H, W, C) -> tokens (..., S, pt * ph * pw * C), S = F/pt * H/ph * W/pw.
+  Array methods only, so NumPy arrays stay NumPy (the host-side packer, wan/data/packing.py,
+  uses this same function).
+  """
+  *lead, f, h, w, c = latents.shape
+  pt, ph, pw = patch_size
+  grid = (f // pt, h // ph, w // pw)
+  n = len(lead)
+  x = latents.reshape(*lead, grid[0], pt, grid[1], ph, grid[2], pw, c)
+  x = x.transpose(*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5, n + 6)
+  return x.reshape(*lead, math.prod(grid), pt * ph * pw * c)
+
+
+def unpatchify(tokens, grid, patch_size, channels: int):
+  """Inverse of `patchify`: (..., S, pt * ph * pw * channels) -> (..., F, H, W, channels).
+
+  grid: (F/pt, H/ph, W/pw), the token grid.
+  """
+  *lead, _, _ = tokens.shape
+  pt, ph, pw = patch_size
+  n = len(lead)
+  x = tokens.reshape(*lead, *grid, pt, ph, pw, channels)
+  x = x.transpose(*range(n), n, n + 3, n + 1, n + 4, n + 2, n + 5, n + 6)
+  return x.reshape(*lead, grid[0] * pt, grid[1] * ph, grid[2] * pw, channels)
+
+
+def grid_positions(grid) -> np.ndarray:
+  """(frame, row, column) of each token of an (f, h, w) token grid, in patchify's order.
+
+  Returns (f * h * w, 3) int32 NumPy.
+  """
+  axes = np.meshgrid(*(np.arange(n, dtype=np.int32) for n in grid), indexing="ij")
+  return np.stack(axes, axis=-1).reshape(-1, 3)
+
+
+@functools.cache
+def rope_tables(cfg: Config):
+  """3D RoPE cos/sin per axis position: ((cos, sin) of frames, of rows, of columns), NumPy float32.
+
+  Each is (rope_max_seq_len, part // 2): the head dim is split into frame / height / width parts
+  (h = w = 2 * (head_dim // 6), the rest for frames) and each part rotates its pairs by
+  position * theta^(-2i/part). Computed in float64, like the reference.
   """
   head_dim = cfg.attention_head_dim
   hw_dim = 2 * (head_dim // 6)
-  parts = (head_dim - 2 * hw_dim, hw_dim, hw_dim)
-  angles = []
-  for axis, (n, part) in enumerate(zip(grid, parts)):
+  tables = []
+  for part in (head_dim - 2 * hw_dim, hw_dim, hw_dim):
     inv = 1.0 / (10000.0 ** (np.arange(0, part, 2, dtype=np.float64) / part))
-    a = np.outer(np.arange(n, dtype=np.float64), inv)  # (n, part/2)
-    shape = [1, 1, 1, part // 2]
-    shape[axis] = n
-    angles.append(np.broadcast_to(a.reshape(shape), (*grid, part // 2)))
-  angles = np.concatenate(angles, axis=-1).reshape(-1, head_dim // 2)
-  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    angles = np.outer(np.arange(cfg.rope_max_seq_len, dtype=np.float64), inv)
+    tables.append((np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
+  return tuple(tables)
+
+
+def rope_cos_sin(cfg: Config, positions):
+  """cos, sin per token and rotation pair, gathered from `rope_tables` by grid position.
+
+  positions: (..., S, 3) integer (frame, row, column) -> cos, sin (..., S, head_dim // 2)
+  float32. A position at or past rope_max_seq_len gives NaN (jnp.take's fill), never a
+  silently clamped angle.
+  """
+  tables = rope_tables(cfg)
+  return tuple(jnp.concatenate([jnp.take(t[i], positions[..., axis], axis=0)
+                                for axis, t in enumerate(tables)], axis=-1) for i in (0, 1))
 
 
 def apply_rope(x, cos, sin):
-  """Rotates consecutive pairs (x[2i], x[2i+1]). x: (B, S, H, Dh); cos, sin: (S, Dh/2)."""
+  """Rotates consecutive pairs (x[2i], x[2i+1]). x: (B, S, H, Dh); cos, sin: (S or B, S, Dh/2)."""
   x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
-  cos, sin = cos[:, None, :], sin[:, None, :]
+  cos, sin = cos[..., None, :], sin[..., None, :]
   out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
   return out.reshape(x.shape).astype(x.dtype)
 
@@ -304,22 +356,24 @@ def _heads(x, cfg: Config):
   return sharding.constrain(x, ("batch", "length", "act_heads", None))
 
 
-def _attend(q, k, v, opts: Options, kv_segment_ids=None):
-  """q: (B, S, H, Dh) against k, v: (B, L, H, Dh), through the configured implementation."""
+def _attend(q, k, v, opts: Options, segment_ids=None):
+  """q: (B, S, H, Dh) against k, v: (B, L, H, Dh), through the configured implementation.
+
+  segment_ids: None, or (q_ids (B, S), kv_ids (B, L)) int32: a query attends only to keys of
+  its own id.
+  """
   kv_axes = ("batch", "length" if opts.attention_sharding_uniform else "kv_length", "act_heads",
              None)
   k, v = sharding.constrain(k, kv_axes), sharding.constrain(v, kv_axes)
-  q_segment_ids = None
-  if kv_segment_ids is not None:
-    q_segment_ids = jnp.ones(q.shape[:2], kv_segment_ids.dtype)
+  q_segment_ids, kv_segment_ids = (None, None) if segment_ids is None else segment_ids
   return attention.attention(
       q, k, v, impl=opts.attention, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       precision=PRECISIONS[opts.precision], block_sizes=opts.flash_block_sizes,
       min_seq_length=opts.flash_min_seq_length, split_head_dim=opts.split_head_dim)
 
 
-def self_attention(p, x, rope, cfg: Config, opts: Options):
-  """x: (B, S, D) -> (B, S, D); RMS-normed q/k (across heads), 3D RoPE."""
+def self_attention(p, x, rope, cfg: Config, opts: Options, segment_ids=None):
+  """x: (B, S, D) -> (B, S, D); RMS-normed q/k (across heads), 3D RoPE (cos, sin)."""
   q = checkpoint_name(_dense(p["q"], x, opts), "query_proj")
   k = checkpoint_name(_dense(p["k"], x, opts), "key_proj")
   v = checkpoint_name(_dense(p["v"], x, opts), "value_proj")
@@ -328,31 +382,34 @@ def self_attention(p, x, rope, cfg: Config, opts: Options):
     k = layers.rms_norm(k, p["norm_k"]["scale"], cfg.eps)
   q = checkpoint_name(apply_rope(_heads(q, cfg), *rope), "xq_out")
   k = checkpoint_name(apply_rope(_heads(k, cfg), *rope), "xk_out")
-  out = _attend(q, k, _heads(v, cfg), opts)
+  out = _attend(q, k, _heads(v, cfg), opts, segment_ids)
   out = checkpoint_name(out.reshape(x.shape), "attn_output")
   return _dense(p["o"], out, opts)
 
 
 def cross_attention(p, x, context, cfg: Config, opts: Options, text_segment_ids=None,
-                    image_context=None):
-  """x: (B, S, D) attends to text context (B, L, D) and, for Wan 2.1 I2V, image tokens."""
+                    image_context=None, image_segment_ids=None):
+  """x: (B, S, D) attends to text context (B, L, D) and, for Wan 2.1 I2V, image tokens (B, N, D).
+
+  text_segment_ids / image_segment_ids: None or (q_ids (B, S), kv_ids (B, L or N)).
+  """
   q = _dense(p["q"], x, opts)
   k, v = _dense(p["k"], context, opts), _dense(p["v"], context, opts)
   if cfg.qk_norm:
     q = layers.rms_norm(q, p["norm_q"]["scale"], cfg.eps)
     k = layers.rms_norm(k, p["norm_k"]["scale"], cfg.eps)
   q = _heads(q, cfg)
-  out = _attend(q, _heads(k, cfg), _heads(v, cfg), opts, kv_segment_ids=text_segment_ids)
+  out = _attend(q, _heads(k, cfg), _heads(v, cfg), opts, text_segment_ids)
   if image_context is not None:
     k_img = layers.rms_norm(_dense(p["k_img"], image_context, opts), p["norm_k_img"]["scale"],
                             cfg.eps)
     v_img = _dense(p["v_img"], image_context, opts)
-    out = out + _attend(q, _heads(k_img, cfg), _heads(v_img, cfg), opts)
+    out = out + _attend(q, _heads(k_img, cfg), _heads(v_img, cfg), opts, image_segment_ids)
   return _dense(p["o"], out.reshape(x.shape), opts)
 
 
 def block(p, x, ctx, cfg: Config, opts: Options, dropout_key=None):
-  """One transformer block. x: (B, S, D); ctx: dict of per-forward inputs (see `forward`)."""
+  """One transformer block. x: (B, S, D); ctx: dict of per-forward inputs (see `_network`)."""
   dtype = x.dtype
   keys = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
   # (B, 6, D) or per-token (B, S, 6, D), in float32 as the reference.
@@ -363,7 +420,8 @@ def block(p, x, ctx, cfg: Config, opts: Options, dropout_key=None):
         m[:, None, :] for m in (shift, scale, gate, c_shift, c_scale, c_gate))
 
   h = (layers.layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(dtype)
-  h = _dropout(self_attention(p["self_attn"], h, ctx["rope"], cfg, opts), opts.dropout, keys[0])
+  h = self_attention(p["self_attn"], h, ctx["rope"], cfg, opts, ctx["self_segment_ids"])
+  h = _dropout(h, opts.dropout, keys[0])
   x = (x.astype(jnp.float32) + h * gate).astype(dtype)
 
   h = x
@@ -371,7 +429,7 @@ def block(p, x, ctx, cfg: Config, opts: Options, dropout_key=None):
     h = layers.layer_norm(x, cfg.eps, p["cross_norm"]["scale"],
                           p["cross_norm"]["bias"]).astype(dtype)
   x = x + cross_attention(p["cross_attn"], h, ctx["context"], cfg, opts, ctx["text_segment_ids"],
-                          ctx["image_context"])
+                          ctx["image_context"], ctx["image_segment_ids"])
 
   h = (layers.layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dtype)
   h = jax.nn.gelu(_dense(p["ffn"]["fc1"], h, opts), approximate=True)
@@ -397,6 +455,20 @@ def _run_blocks(blocks, x, ctx, cfg: Config, opts: Options, dropout_rng):
   return x
 
 
+def _check_conditions(cfg: Config, b, seq, timestep, text, image):
+  """The checks `forward` and `forward_packed` share: timestep, text and image shapes."""
+  if timestep.shape not in ((b,), (b, seq)):
+    raise ValueError(f"timestep must be (B,)=({b},) or per-token (B, S)=({b}, {seq}); got "
+                     f"{timestep.shape}")
+  if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != cfg.text_dim:
+    raise ValueError(f"text must be (B, L, {cfg.text_dim}); got {text.shape}")
+  if (image is None) != (cfg.image_dim is None):
+    raise ValueError("image embeddings (B, 257, image_dim) are required exactly when the model "
+                     f"has an image embedder (image_dim={cfg.image_dim})")
+  if image is not None and (image.ndim != 3 or image.shape[-1] != cfg.image_dim):
+    raise ValueError(f"image must be (B, N, {cfg.image_dim}); got {image.shape}")
+
+
 def _check_inputs(cfg: Config, latents, timestep, text, image):
   if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
     raise ValueError(f"latents must be (B, F, H, W, {cfg.in_channels}) channels-last; got "
@@ -411,17 +483,32 @@ def _check_inputs(cfg: Config, latents, timestep, text, image):
     raise ValueError(f"latent grid {grid} (frames, height, width after patching) exceeds "
                      f"rope_max_seq_len={cfg.rope_max_seq_len} positions on one axis; use a "
                      "smaller video or a model configured with a larger rope_max_seq_len")
-  seq = grid[0] * grid[1] * grid[2]
-  if timestep.shape not in ((b,), (b, seq)):
-    raise ValueError(f"timestep must be (B,)=({b},) or per-token (B, S)=({b}, {seq}); got "
-                     f"{timestep.shape}")
-  if text.ndim != 3 or text.shape[0] != b or text.shape[-1] != cfg.text_dim:
-    raise ValueError(f"text must be (B, L, {cfg.text_dim}); got {text.shape}")
-  if (image is None) != (cfg.image_dim is None):
-    raise ValueError("image embeddings (B, 257, image_dim) are required exactly when the model "
-                     f"has an image embedder (image_dim={cfg.image_dim})")
-  if image is not None and (image.ndim != 3 or image.shape[-1] != cfg.image_dim):
-    raise ValueError(f"image must be (B, N, {cfg.image_dim}); got {image.shape}")
+  _check_conditions(cfg, b, math.prod(grid), timestep, text, image)
+
+
+def _check_packed_inputs(cfg: Config, opts: Options, tokens, positions, segment_ids, timestep,
+                         text, text_segment_ids, image, image_segment_ids):
+  width = cfg.patch_volume * cfg.in_channels
+  if tokens.ndim != 3 or tokens.shape[-1] != width:
+    raise ValueError(f"tokens must be (B, S, patch_volume * in_channels = {width}); got "
+                     f"{tokens.shape}")
+  b, s, _ = tokens.shape
+  named = [("positions", positions, (b, s, 3)), ("segment_ids", segment_ids, (b, s)),
+           ("text_segment_ids", text_segment_ids, text.shape[:2])]
+  if image is not None:
+    if image_segment_ids is None:
+      raise ValueError("image states come with image_segment_ids (B, N): the clip of each")
+    named.append(("image_segment_ids", image_segment_ids, image.shape[:2]))
+  for name, ids, shape in named:
+    if ids.shape != shape or not jnp.issubdtype(ids.dtype, jnp.integer):
+      raise ValueError(f"{name} must be integer {shape}; got {ids.dtype} {ids.shape}")
+  _check_conditions(cfg, b, s, timestep, text, image)
+  if cfg.pos_embed_seq_len is not None:
+    raise ValueError("packed sequences do not support the FLF2V image position embedding "
+                     "(pos_embed_seq_len); run forward on unpacked batches")
+  if opts.attention == "cudnn_flash_te":
+    raise ValueError("attention='cudnn_flash_te' masks by key lengths only, which cannot "
+                     "separate packed clips; use 'flash', 'ring' or 'dot_product'")
 
 
 def _image_context(p, image, opts: Options):
@@ -432,6 +519,46 @@ def _image_context(p, image, opts: Options):
   img = layers.layer_norm(img, 1e-5, p["norm1"]["scale"], p["norm1"]["bias"])
   img = _dense(p["fc2"], jax.nn.gelu(_dense(p["fc1"], img, opts), approximate=False), opts)
   return layers.layer_norm(img, 1e-5, p["norm2"]["scale"], p["norm2"]["bias"]).astype(opts.dtype)
+
+
+def _network(p, cfg: Config, tokens, rope, timestep, text, image, segment_ids: dict,
+             opts: Options, dropout_rng):
+  """The network on patchified tokens, the one implementation behind both entry points.
+
+  tokens: (B, S, patch_volume * in_channels); rope: cos, sin (S or B, S, head_dim // 2);
+  timestep: (B,) or (B, S); text: (B, L, text_dim); image: (B, N, image_dim) or None;
+  segment_ids: {"self", "text", "image"} -> None or (q_ids (B, S), kv_ids (B, S | L | N)).
+  Returns (B, S, patch_volume * out_channels) in the activation dtype.
+  """
+  # Patch embedding: the (pt, ph, pw, C, D) kernel read as a dense over flattened patches.
+  kernel = p["patch_embed"]["kernel"].reshape(-1, cfg.dim)
+  x = _dense({"kernel": kernel, "bias": p["patch_embed"]["bias"]}, tokens, opts)
+  x = sharding.constrain(x, ("batch", "length", "act_embed"))
+
+  # Time: (B,) -> temb (B, D), modulation (B, 6, D); per-token: (B, S, D), (B, S, 6, D).
+  t_freq = timestep_embedding(timestep, cfg.freq_dim)
+  te = p["time_embed"]
+  temb = _dense(te["fc2"], jax.nn.silu(_dense(te["fc1"], t_freq, opts)), opts)
+  modulation = _dense(p["time_proj"], jax.nn.silu(temb), opts).astype(jnp.float32)
+  modulation = modulation.reshape(*modulation.shape[:-1], 6, cfg.dim)
+
+  tx = p["text_embed"]
+  context = _dense(tx["fc2"], jax.nn.gelu(_dense(tx["fc1"], text, opts), approximate=True), opts)
+  context = sharding.constrain(context, ("batch", "kv_length", "act_embed"))
+  image_context = None if image is None else _image_context(p["image_embed"], image, opts)
+
+  ctx = {"modulation": modulation, "rope": rope, "context": context,
+         "image_context": image_context, "self_segment_ids": segment_ids["self"],
+         "text_segment_ids": segment_ids["text"], "image_segment_ids": segment_ids["image"]}
+  x = _run_blocks(p["blocks"], x, ctx, cfg, opts, dropout_rng)
+
+  # Output head: 2-way modulation from temb (not the 6-way projection).
+  mod = p["head"]["modulation"] + temb.astype(jnp.float32)[..., None, :]
+  shift, scale = mod[..., 0, :], mod[..., 1, :]
+  if shift.ndim == 2:
+    shift, scale = shift[:, None, :], scale[:, None, :]
+  x = (layers.layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(opts.dtype)
+  return _dense(p["head"]["proj"], x, opts)
 
 
 def forward(params_, cfg: Config, latents, timestep, text, image=None, *, text_mask=None,
@@ -447,48 +574,49 @@ def forward(params_, cfg: Config, latents, timestep, text, image=None, *, text_m
   Returns (B, F, H, W, out_channels) in the activation dtype.
   """
   _check_inputs(cfg, latents, timestep, text, image)
-  p, opts = params_, options
-  b, f, h, w, c = latents.shape
+  b, f, h, w, _ = latents.shape
   pt, ph, pw = cfg.patch_size
   grid = (f // pt, h // ph, w // pw)
-
-  # Patch embedding: non-overlapping (pt, ph, pw) patches, flattened in (pt, ph, pw, C) order.
-  x = latents.reshape(b, grid[0], pt, grid[1], ph, grid[2], pw, c)
-  x = x.transpose(0, 1, 3, 5, 2, 4, 6, 7).reshape(b, math.prod(grid), cfg.patch_volume * c)
-  kernel = p["patch_embed"]["kernel"].reshape(-1, cfg.dim)
-  x = _dense({"kernel": kernel, "bias": p["patch_embed"]["bias"]}, x, opts)
-  x = sharding.constrain(x, ("batch", "length", "act_embed"))
-
-  # Time: (B,) -> temb (B, D), modulation (B, 6, D); per-token: (B, S, D), (B, S, 6, D).
-  t_freq = timestep_embedding(timestep, cfg.freq_dim)
-  te = p["time_embed"]
-  temb = _dense(te["fc2"], jax.nn.silu(_dense(te["fc1"], t_freq, opts)), opts)
-  modulation = _dense(p["time_proj"], jax.nn.silu(temb), opts).astype(jnp.float32)
-  modulation = modulation.reshape(*modulation.shape[:-1], 6, cfg.dim)
-
-  tx = p["text_embed"]
-  context = _dense(tx["fc2"], jax.nn.gelu(_dense(tx["fc1"], text, opts), approximate=True), opts)
-  context = sharding.constrain(context, ("batch", "kv_length", "act_embed"))
-  image_context = None if image is None else _image_context(p["image_embed"], image, opts)
-
+  tokens = patchify(latents, cfg.patch_size)
   text_segment_ids = None
-  if opts.mask_padding_tokens and text_mask is not None:
+  if options.mask_padding_tokens and text_mask is not None:
     # Padding tokens get segment 0, which no query carries, so they are never attended.
-    text_segment_ids = text_mask.astype(jnp.int32)
-  ctx = {"modulation": modulation, "rope": rope_tables(cfg, grid), "context": context,
-         "image_context": image_context, "text_segment_ids": text_segment_ids}
-  x = _run_blocks(p["blocks"], x, ctx, cfg, opts, dropout_rng)
+    text_segment_ids = (jnp.ones(tokens.shape[:2], jnp.int32), text_mask.astype(jnp.int32))
+  segment_ids = {"self": None, "text": text_segment_ids, "image": None}
+  out = _network(params_, cfg, tokens, rope_cos_sin(cfg, grid_positions(grid)), timestep, text,
+                 image, segment_ids, options, dropout_rng)
+  return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
 
-  # Output head: 2-way modulation from temb (not the 6-way projection), then unpatchify.
-  mod = p["head"]["modulation"] + temb.astype(jnp.float32)[..., None, :]
-  shift, scale = mod[..., 0, :], mod[..., 1, :]
-  if shift.ndim == 2:
-    shift, scale = shift[:, None, :], scale[:, None, :]
-  x = (layers.layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(opts.dtype)
-  x = _dense(p["head"]["proj"], x, opts)
-  x = x.reshape(b, *grid, pt, ph, pw, cfg.out_channels)
-  x = x.transpose(0, 1, 4, 2, 5, 3, 6, 7)
-  return x.reshape(b, f, h, w, cfg.out_channels)
+
+def forward_packed(params_, cfg: Config, tokens, positions, segment_ids, timestep, text,
+                   text_segment_ids, image=None, image_segment_ids=None, *,
+                   options: Options = Options(), dropout_rng=None):
+  """`forward` on packed rows: several clips per row, each attending only within itself.
+
+  tokens: (B, S, patch_volume * in_channels) patchified latents (`patchify`'s order) of the
+    clips of each row (wan/data/packing.py puts them one after another, padding last).
+  positions: (B, S, 3) int (frame, row, column) of each token within its own clip's token grid
+    (`grid_positions`); 3D RoPE is gathered per token, so each clip gets the RoPE it gets alone.
+  segment_ids: (B, S) int, 1..n for the n clips of a row, 0 for padding tokens. Self-attention
+    stays within a segment; padding tokens give finite outputs, to be ignored (their values
+    differ between attention implementations).
+  timestep: (B, S) per token (each clip its own sigma; 0 on padding is fine), or (B,).
+  text: (B, L, text_dim) the captions of a row's clips concatenated; text_segment_ids (B, L)
+    the clip of each text token, 0 for padding. A token reads only its own clip's caption, so
+    padding text (id 0) is never attended by a clip, whatever options.mask_padding_tokens says.
+  image: (B, N, image_dim) Wan 2.1 I2V CLIP states of a row's clips concatenated (257 each);
+    image_segment_ids (B, N) likewise.
+  Returns (B, S, patch_volume * out_channels) in the activation dtype (`unpatchify` per clip).
+  """
+  _check_packed_inputs(cfg, options, tokens, positions, segment_ids, timestep, text,
+                       text_segment_ids, image, image_segment_ids)
+  segment_ids = jnp.asarray(segment_ids, jnp.int32)
+  pairs = {"self": (segment_ids, segment_ids),
+           "text": (segment_ids, jnp.asarray(text_segment_ids, jnp.int32)),
+           "image": None if image is None else (segment_ids,
+                                                jnp.asarray(image_segment_ids, jnp.int32))}
+  return _network(params_, cfg, tokens, rope_cos_sin(cfg, positions), timestep, text, image,
+                  pairs, options, dropout_rng)
 
 
 def load(path: str, dtype=jnp.float32, *, expert: str = "high_noise"):

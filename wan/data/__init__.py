@@ -6,13 +6,37 @@ resumed run sees exactly the samples it would have:
     batch = next(it)          # {"latents": (B, F, H, W, C), "text": (B, L, D), "text_mask": ...}
     state = it.state()        # JSON-serialisable position
     it.restore(state)
+
+Rooms: sources.py (data-set descriptions -> items), video.py + frames.py (decoding, frame
+extraction), buckets.py, clips.py (items -> clips), encode.py (clips -> samples on the devices),
+records.py (the cache), prepare.py (job=prepare), loader.py (the real-data stream),
+synthetic.py, packing.py.
 """
 
 from wan.data import synthetic
 
 
 def make(plan, mesh):
-  """The data iterator of the plan's data set (plan.data: wan.plan.DataSettings)."""
-  if plan.data.kind == "synthetic":
-    return synthetic.SyntheticData(plan, mesh, seed=plan.seed, num_samples=plan.data.num_samples)
-  raise NotImplementedError(f"dataset_type={plan.data.kind!r} is not implemented yet")
+  """The data iterator of the plan's data set (plan.data: wan.plan_data.DataSettings)."""
+  data = plan.data
+  if data.kind == "synthetic":
+    return synthetic.SyntheticData(plan, mesh, seed=plan.seed, num_samples=data.num_samples)
+  from wan.data import loader  # pylint: disable=import-outside-toplevel
+  if data.kind in ("tfrecord", "grain"):
+    return loader.from_cache(plan, mesh)
+  from wan.data import encode  # pylint: disable=import-outside-toplevel
+  encoders = encode.load(data.encoding)
+  if not data.cache:
+    return loader.on_the_fly(plan, mesh, encoders)
+  # dataset_save_location: encoded once into a cache there (kept for later runs), then read.
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from wan import fs  # pylint: disable=import-outside-toplevel
+  from wan.data import prepare, records  # pylint: disable=import-outside-toplevel
+  if not fs.exists(fs.join(data.cache, records.MANIFEST)):
+    p, n = jax.process_index(), jax.process_count()
+    keyed = [(f"{i}/{c.key}", c) for i, c in enumerate(data.clips) if i % n == p]
+    prepare.write(encoders, keyed, data.manifest["skipped"] if p == 0 else [], data.cache,
+                  "tfrecord", 0, {"sources": [], "settings": data.prepared_with})
+  cached = dataclasses.replace(data, kind="tfrecord", manifest=records.read_manifest(data.cache))
+  return loader.from_cache(dataclasses.replace(plan, data=cached), mesh)
