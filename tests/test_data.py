@@ -3,7 +3,6 @@ the batch, and a restored position continues the stream exactly."""
 
 import jax
 import numpy as np
-import pytest
 
 from configs import wan21_i2v, wan21_t2v
 from wan import data, plan as plan_lib, sharding
@@ -55,13 +54,6 @@ def test_overrides_and_i2v_conditioning():
   np.testing.assert_array_equal(cond[:, 0], latents[:, 0])
   assert (cond[:, 1:] == 0).all()
   assert (np.asarray(batch["cond_mask"])[:, 0] == 1).all()
-
-
-def test_unimplemented_dataset_types_fail_in_validation():
-  c = wan21_t2v.get_config("tiny")
-  c.dataset_type = "tfrecord"
-  with pytest.raises(NotImplementedError, match="dataset_type='tfrecord' is not implemented"):
-    plan_lib.make(c, jax.devices())
 
 
 def test_batch_layout_is_declared_once():

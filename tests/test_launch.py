@@ -104,7 +104,7 @@ def test_tiny_run_writes_logs_metrics_and_checkpoints(tmp_path):
     (["--config.learnig_rate=1e-4"], "configs/wan21_t2v.py:tiny",
      "unknown config field `learnig_rate`; did you mean learning_rate"),
     (["--config.train_data_dir=/nonexistent"], "configs/wan21_t2v.py:tiny",
-     "train_data_dir='/nonexistent' has no effect unless dataset_type="),
+     "train_data_dir='/nonexistent' has no effect unless job=prepare or dataset_type="),
     (["--config.ici_fsdp=two"], "configs/wan21_t2v.py:tiny", "--config.ici_fsdp=two"),
     ([], "configs/wan21_t2v.py:huge", "unknown variant 'huge'"),
     ([], "", "--config is required"),

@@ -13,7 +13,7 @@ import pytest
 from configs import base, wan21_i2v, wan21_t2v, wan22_i2v, wan22_t2v, wan22_ti2v
 from tests.conftest import GOLDEN_DIR
 from wan import params, plan, transformer
-from wan.errors import ConfigError, NotImplementedYet, UserError
+from wan.errors import ConfigError, MissingFile, NotImplementedYet, UserError
 
 
 def _plan(module=wan21_t2v, devices=8, processes=1, platform="cpu", variant="tiny", **overrides):
@@ -137,13 +137,71 @@ def test_gcs_metrics_must_agree_with_output_dir(tmp_path):
 
 @pytest.mark.parametrize("field, value, error", [
     ("eval_every", 10, NotImplementedYet), ("enable_lora", True, NotImplementedYet),
-    ("use_qwix_quantization", True, NotImplementedYet), ("dataset_type", "tfrecord",
-                                                         NotImplementedYet),
+    ("use_qwix_quantization", True, NotImplementedYet),
     ("replicate_vae", True, NotImplementedYet), ("from_pt", False, NotImplementedYet)])
 def test_features_not_built_yet_refuse_other_values(field, value, error):
   with pytest.raises(error, match=f"{field}=.* is not implemented yet"):
     _plan(**{field: value})
   assert issubclass(error, NotImplementedError) and issubclass(error, UserError)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(dataset_type="tfrecord"), "reads a cache that job=prepare wrote: set train_data_dir"),
+    (dict(dataset_type="tfrecord", train_data_dir="/nonexistent/cache"),
+     "holds no manifest.json.*job=prepare"),
+    (dict(dataset_type="tf"), "set train_data_dir to a folder of clips"),
+    (dict(dataset_type="tf", train_data_dir="/nonexistent"), "train_data_dir: /nonexistent does "
+                                                            "not exist"),
+    (dict(dataset_type="hf"), "dataset_type=hf needs dataset_name"),
+    (dict(dataset_type="tfrecord", train_data_dir="/c", load_tfrecord_cached=False),
+     "caches always hold encoded latents.*dataset_type=tf"),
+    (dict(pack_sequences=True), "pack_sequences=True has no effect unless dataset_type="),
+    (dict(frame_extraction="chunk"), "frame_extraction='chunk' has no effect unless job=prepare"),
+    (dict(frame_extraction="middle", job="prepare"), "frame_extraction='middle' is not one of"),
+    (dict(dataset_type="hf", dataset_name="/d", train_data_dir="/x"),
+     "train_data_dir='/x' has no effect unless"),
+    (dict(dataset_type="tfrecord", train_data_dir="/c", synthetic_override_height=32),
+     "synthetic_override_height=32 has no effect unless dataset_type=synthetic"),
+    (dict(no_records_per_shard=10), "no_records_per_shard=10 has no effect unless job=prepare"),
+    (dict(job="prepare"), "has no training plan"),
+])
+def test_data_fields_say_what_to_change(overrides, message):
+  with pytest.raises(UserError, match=message):
+    _plan(**overrides)
+
+
+def test_prepare_plan_errors(tmp_path):
+  c = wan21_t2v.get_config("tiny")
+  c.job = "prepare"
+  with pytest.raises(ConfigError, match="writes its cache to tfrecords_dir"):
+    plan.preparation(c)
+  c.tfrecords_dir, c.train_data_dir = str(tmp_path / "cache"), "/nonexistent"
+  with pytest.raises(MissingFile, match="train_data_dir: /nonexistent does not exist"):
+    plan.preparation(c)
+  (tmp_path / "clips").mkdir()
+  (tmp_path / "clips" / "a.mp4").write_bytes(b"x")
+  c.tfrecords_dir, c.train_data_dir = str(tmp_path / "cache"), str(tmp_path / "clips")
+  c.resolution = 72
+  with pytest.raises(ConfigError, match="resolution=72 must be a multiple of 16 .*; use 64 or 80"):
+    plan.preparation(c)
+  c.resolution = 0
+  c.dataset_config = str(tmp_path / "d.toml")
+  with pytest.raises(ConfigError, match="train_data_dir or dataset_config"):
+    plan.preparation(c)
+  full = wan21_t2v.get_config()
+  full.job, full.tfrecords_dir, full.train_data_dir = "prepare", c.tfrecords_dir, c.train_data_dir
+  with pytest.raises(ConfigError, match="needs the VAE and text encoder"):
+    plan.preparation(full)
+  (tmp_path / "cache").mkdir()
+  (tmp_path / "cache" / "notes.txt").write_text("mine")
+  with pytest.raises(ConfigError, match="not empty and holds no cache"):
+    plan.preparation(dict_copy(c, dataset_config=""))
+
+
+def dict_copy(c, **fields):
+  c = c.copy_and_resolve_references()
+  c.update(fields)
+  return c
 
 
 def test_every_refusal_table_matches_the_base_defaults():

@@ -80,20 +80,27 @@ def test_records_are_standard_tfrecords(cache):
   np.testing.assert_array_equal(via_offsets["latents"], sample["latents"])
 
 
-def test_training_on_the_cache_resumes_exactly(cache, tmp_path):
-  out, _ = cache
-  fields = dict(dataset_type="tfrecord", train_data_dir=out, max_train_steps=6,
-                checkpoint_every=6, precision="HIGHEST", global_batch_size=2)
+def test_training_on_the_cache_resumes_exactly(clips, tmp_path):
+  out = str(tmp_path / "cache")  # two buckets (the image and the videos): mixed shapes
+  _prepare(_config(job="prepare", train_data_dir=clips, tfrecords_dir=out))
+  fields = dict(dataset_type="tfrecord", train_data_dir=out, max_train_steps=4,
+                checkpoint_every=4, precision="HIGHEST", global_batch_size=2)
   whole = train.train(plan.make(_config(output_dir=str(tmp_path / "a"), **fields), jax.devices()))
   first = train.train(plan.make(_config(output_dir=str(tmp_path / "b"), **dict(
-      fields, max_train_steps=3)), jax.devices()))
+      fields, max_train_steps=2)), jax.devices()))
   second = train.train(plan.make(_config(output_dir=str(tmp_path / "b"), **fields),
                                  jax.devices()))
-  assert len(whole) == 6 and len(first) == 3 and len(second) == 3
+  assert len(whole) == 4 and len(first) == 2 and len(second) == 2
   np.testing.assert_allclose(first + second, whole, rtol=1e-6)
-  p = plan.make(_config(output_dir=str(tmp_path / "c"), **fields), jax.devices())
+
+
+def test_buckets_set_the_steps_per_epoch(cache, tmp_path):
+  out, _ = cache
+  p = plan.make(_config(output_dir=str(tmp_path), dataset_type="tfrecord", train_data_dir=out,
+                        global_batch_size=2, max_train_steps=0, num_train_epochs=3),
+                jax.devices())
   assert p.data.steps_per_epoch == 4  # 4 buckets of one sample: one (filled) batch each
-  assert len(p.data.buckets) == 4
+  assert len(p.data.buckets) == 4 and p.num_steps == 12
 
 
 def test_prepare_again_is_a_no_op_and_other_encoders_are_refused(cache, clips):
@@ -201,6 +208,184 @@ def test_prepare_command_and_train_command(clips, tmp_path):
   manifest = json.load(open(os.path.join(cache_dir, "manifest.json")))
   assert [len(s["records"]) for s in manifest["shards"]] == [1, 2, 1]  # 1x8x8: 1, 2x8x8: 3
   done = run("--config.dataset_type=tfrecord", f"--config.train_data_dir={cache_dir}",
-             f"--config.output_dir={out}", "--config.max_train_steps=3")
+             f"--config.output_dir={out}", "--config.max_train_steps=2")
   assert done.returncode == 0, done.stdout + done.stderr
   assert "data tfrecord" in done.stdout and "2 buckets" in done.stdout
+
+
+def test_musubi_toml_chunks_clips_at_the_model_fps(clips, tmp_path):
+  """target_frames=[5] with frame_extraction=chunk: square (30 frames at 30 fps) and wide (24 at
+  24 fps) become 16 frames at 16 fps, 3 chunks each; tall (12 at 16 fps) 2 chunks; short none.
+  A video_directory reads only videos (the image is left out)."""
+  toml = tmp_path / "dataset.toml"
+  toml.write_text(f"""
+[general]
+resolution = [64, 64]
+caption_extension = ".txt"
+enable_bucket = false
+
+[[datasets]]
+video_directory = "{clips}"
+target_frames = [5]
+frame_extraction = "chunk"
+num_repeats = 2
+""")
+  out = str(tmp_path / "cache")
+  manifest = _prepare(_config(job="prepare", dataset_config=str(toml), tfrecords_dir=out))
+  keys = sorted(r["key"].split("/", 1)[1] for s in manifest["shards"] for r in s["records"])
+  name = lambda k: os.path.basename(k.split("@")[0])
+  assert [name(k) for k in keys] == ["square.mp4"] * 3 + ["tall.mp4"] * 2 + ["wide.mp4"] * 3
+  starts = sorted(int(k.split("@")[1].split("+")[0]) for k in keys if "square" in k)
+  # Chunk starts 0, 5, 10 of the 16 resampled frames = source frames ceil(k * 30 / 16).
+  assert starts == [0, 10, 19]
+  assert manifest["buckets"]["2x8x8"]["samples"] == 16  # 8 clips x num_repeats 2
+
+
+def test_grain_cache_trains_and_resumes(clips, tmp_path):
+  out = str(tmp_path / "cache")
+  manifest = _prepare(_config(job="prepare", dataset_type="grain", train_data_dir=clips,
+                              tfrecords_dir=out))
+  assert manifest["record_format"] == "arrayrecord"
+  assert all(s["file"].endswith(".arrayrecord") for s in manifest["shards"])
+  fields = dict(dataset_type="grain", train_data_dir=out, max_train_steps=4, checkpoint_every=4,
+                precision="HIGHEST", write_metrics=False)
+  whole = train.train(plan.make(_config(output_dir=str(tmp_path / "a"), **fields),
+                                jax.devices()))
+  half = dict(fields, max_train_steps=2, checkpoint_every=2)
+  first = train.train(plan.make(_config(output_dir=str(tmp_path / "b"), **half), jax.devices()))
+  second = train.train(plan.make(_config(output_dir=str(tmp_path / "b"),
+                                         **dict(fields, checkpoint_every=2)), jax.devices()))
+  np.testing.assert_allclose(first + second, whole, rtol=1e-6)
+
+
+def test_on_the_fly_encoding_matches_the_cache(cache, clips, tmp_path):
+  """dataset_type=tf encodes the same clips with the same encoders in the same order as
+  training on the prepared cache: the same losses."""
+  out, _ = cache
+  fields = dict(max_train_steps=2, checkpoint_every=-1, write_metrics=False,
+                precision="HIGHEST", global_batch_size=2)
+  cached = train.train(plan.make(_config(dataset_type="tfrecord", train_data_dir=out,
+                                         output_dir=str(tmp_path / "a"), **fields),
+                                 jax.devices()))
+  fly = train.train(plan.make(_config(dataset_type="tf", train_data_dir=clips,
+                                      enable_bucket=True, output_dir=str(tmp_path / "b"),
+                                      **fields), jax.devices()))
+  np.testing.assert_allclose(fly, cached, rtol=1e-5)
+
+
+def test_hf_dataset_streams_and_saves_its_cache(tmp_path):
+  import datasets  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  images = []
+  for i, (h, w) in enumerate([(64, 64), (48, 96), (70, 70)]):
+    path = tmp_path / f"{i}.png"
+    y, x = np.mgrid[0:h, 0:w]
+    Image.fromarray(np.stack([x * 2 + i, y * 3, x + y], -1).astype(np.uint8)).save(path)
+    images.append(str(path))
+  ds = datasets.Dataset.from_dict({"image": images, "text": ["a", "b c", "d e f"]})
+  ds = ds.cast_column("image", datasets.Image())
+  root = str(tmp_path / "hf")
+  datasets.DatasetDict({"train": ds}).save_to_disk(root)
+  fields = dict(dataset_type="hf", dataset_name=root, max_train_steps=2, checkpoint_every=-1,
+                write_metrics=False, global_batch_size=2, num_frames=1)
+  p = plan.make(_config(output_dir=str(tmp_path / "a"), **fields), jax.devices())
+  assert p.data.buckets == ((1, 8, 8, 16),) and p.data.steps_per_epoch == 2
+  streamed = train.train(p, jax.devices())
+  saved = str(tmp_path / "saved")
+  keep = train.train(plan.make(_config(output_dir=str(tmp_path / "b"),
+                                       dataset_save_location=saved, **fields), jax.devices()))
+  assert records.read_manifest(saved)["buckets"]["1x8x8"]["records"] == 3
+  np.testing.assert_allclose(keep, streamed, rtol=1e-5)
+
+
+def test_two_processes_prepare_one_cache(clips, tmp_path):
+  """Each of 2 processes encodes its share of the files; the merged cache holds the same samples
+  as a one-process preparation."""
+  import socket  # pylint: disable=import-outside-toplevel
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  multi = str(tmp_path / "multi")
+  procs = [subprocess.Popen(
+      [sys.executable, "launch.py", "--config=configs/wan21_t2v.py:tiny", "--config.job=prepare",
+       f"--config.train_data_dir={clips}", f"--config.tfrecords_dir={multi}",
+       "--config.enable_bucket=True", f"--config.coordinator_address=localhost:{port}",
+       "--config.num_processes=2", f"--config.process_id={i}"], cwd=ROOT, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outputs
+  merged = records.read_manifest(multi)
+  assert {s["file"].split("-")[1] for s in merged["shards"]} == {"p000", "p001"}
+  single = str(tmp_path / "single")
+  one = _prepare(_config(job="prepare", train_data_dir=clips, tfrecords_dir=single,
+                         enable_bucket=True))
+  assert merged["buckets"] == one["buckets"] and merged["skipped"] == one["skipped"]
+  read = lambda cache, m: {r["key"]: records.Reader(cache, m).read(s["file"], r)
+                           for s in m["shards"] for r in s["records"]}
+  a, b = read(multi, merged), read(single, one)
+  assert sorted(a) == sorted(b)
+  for key in a:
+    np.testing.assert_allclose(a[key]["latents"], b[key]["latents"], rtol=1e-5, atol=1e-6)
+
+
+def _model_root(root, vae_seed: int = 0):
+  """A diffusers-layout model root of tiny components: the golden transformer, UMT5 and
+  tokenizer, and a tiny VAE with the Wan 2.1 latent space (16 channels) written here."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  from tests.conftest import GOLDEN_DIR  # pylint: disable=import-outside-toplevel
+  from wan import vae  # pylint: disable=import-outside-toplevel
+  from wan.weights import convert, safetensors  # pylint: disable=import-outside-toplevel
+  from wan.weights import vae as vae_weights  # pylint: disable=import-outside-toplevel
+  for name, golden in (("transformer", "transformer_t2v"), ("text_encoder", "umt5_tiny"),
+                       ("tokenizer", "spiece_tiny")):
+    shutil.copytree(os.path.join(GOLDEN_DIR, golden), os.path.join(root, name),
+                    dirs_exist_ok=True)
+  cfg = dataclasses.replace(vae.PRESETS["tiny2.1"], z_dim=16, latents_mean=(0.1,) * 16,
+                            latents_std=(0.9,) * 16)
+  decls = vae.declarations(cfg)
+  params = jax.tree.map(np.asarray, vae.init(cfg, jax.random.key(vae_seed)))
+  os.makedirs(os.path.join(root, "vae"), exist_ok=True)
+  safetensors.write_file(os.path.join(root, "vae", "diffusion_pytorch_model.safetensors"),
+                         convert.to_tensors(params, decls, vae_weights.names(decls, cfg)))
+  fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if f.name not in ("dtype", "precision", "use_tiling") and not f.name.startswith("tile")}
+  with open(os.path.join(root, "vae", "config.json"), "w") as f:
+    json.dump(dict(fields, _class_name="AutoencoderKLWan"), f)
+  return str(root)
+
+
+def test_prepare_from_a_model_root_and_refuse_another_vae(clips, tmp_path):
+  root = _model_root(tmp_path / "root")
+  out = str(tmp_path / "cache")
+  manifest = _prepare(_config(job="prepare", train_data_dir=clips, tfrecords_dir=out,
+                              pretrained_model_name_or_path=root))
+  identity = manifest["identity"]
+  assert identity["vae"] not in (None, "builtin-tiny") and identity["text_encoder"]
+  fields = dict(dataset_type="tfrecord", train_data_dir=out, pretrained_model_name_or_path=root,
+                max_train_steps=2, checkpoint_every=-1, write_metrics=False)
+  losses = train.train(plan.make(_config(output_dir=str(tmp_path / "o"), **fields),
+                                 jax.devices()))
+  assert len(losses) == 2 and all(np.isfinite(losses))
+  _model_root(tmp_path / "root", vae_seed=1)  # the same architecture, other weights
+  with pytest.raises(ConfigError, match="prepared with another vae"):
+    plan.make(_config(output_dir=str(tmp_path / "o"), **fields), jax.devices())
+  import shutil  # pylint: disable=import-outside-toplevel
+  from tests.conftest import GOLDEN_DIR  # pylint: disable=import-outside-toplevel
+  shutil.rmtree(os.path.join(root, "vae"))
+  shutil.copytree(os.path.join(GOLDEN_DIR, "vae_wan21"), os.path.join(root, "vae"))  # z_dim 4
+  bad = _config(job="prepare", train_data_dir=clips, tfrecords_dir=str(tmp_path / "c2"),
+                pretrained_model_name_or_path=root)
+  with pytest.raises(ConfigError, match="a VAE of 4 channels.*trains on 16 channels"):
+    plan.preparation(bad)
+
+
+def test_ti2v_image_to_video_refuses_one_frame_clips(clips, tmp_path):
+  out = str(tmp_path / "cache")
+  _prepare(_config(wan22_ti2v, job="prepare", train_data_dir=clips, tfrecords_dir=out))
+  with pytest.raises(ConfigError, match="one-frame clips"):
+    plan.make(_config(wan22_ti2v, dataset_type="tfrecord", train_data_dir=out, model_type="I2V"),
+              jax.devices())
+  assert plan.make(_config(wan22_ti2v, dataset_type="tfrecord", train_data_dir=out),
+                   jax.devices()).data.steps_per_epoch

@@ -203,6 +203,10 @@ class Plan:
     buckets = ", ".join("x".join(map(str, s[:3])) for s in d.buckets)
     line = (f"\ndata {d.kind} ({where}): {len(d.buckets)} buckets ({buckets}), "
             f"{d.steps_per_epoch} steps per epoch")
+    if d.packing:
+      r = d.packing
+      line += (f", packed: rows of {r.seq_len} tokens holding up to {r.max_segments} clips "
+               f"({r.text_len} caption tokens)")
     skipped = (d.manifest or {}).get("skipped") or ()
     if skipped and d.kind in ("tf", "hf"):
       line += f"; {len(skipped)} files skipped:" + "".join(
@@ -465,15 +469,28 @@ def _batch(c, devices: Devices, mesh_shape):
   return global_batch
 
 
-def _num_steps(c, global_batch, data):
+def _num_steps(c, global_batch, data, patch_size):
   if c.max_train_steps > 0:
     return int(c.max_train_steps)
+  if data.pack and data.shuffle:  # each epoch packs its own order: its own number of rows
+    return sum(plan_data.packed_steps(data, patch_size, global_batch, int(c.seed), e)
+               for e in range(int(c.num_train_epochs)))
   if data.steps_per_epoch:
     return int(c.num_train_epochs) * data.steps_per_epoch
   if c.synthetic_num_samples:
     return int(c.num_train_epochs) * math.ceil(c.synthetic_num_samples / global_batch)
   _fail("max_train_steps <= 0 and the data set is infinite: set max_train_steps, or "
         "synthetic_num_samples with num_train_epochs")
+
+
+def _check_packing(c, model):
+  """pack_sequences=True: an attention and a model that keep packed clips apart."""
+  if c.attention == "cudnn_flash_te":
+    _fail("pack_sequences=True needs an attention that separates packed clips by segment ids; "
+          "attention=cudnn_flash_te masks by key lengths only: use flash, ring or dot_product")
+  if model.pos_embed_seq_len is not None:
+    _fail("pack_sequences=True does not support the FLF2V image position embedding "
+          "(pos_embed_seq_len); set pack_sequences=False")
 
 
 def _place_parameters(decls, mesh_shape, dtype) -> tuple[float, int]:
@@ -582,14 +599,21 @@ def make(c, devices) -> Plan:
     data = plan_data.stream(c, family, model, global_batch)
   for shape in data.buckets:
     _check_tokens(shape, model, mesh_shape["context"], devices.count)
+  if family.conditioning(c.model_type) == "first_frame" and any(s[0] == 1 for s in data.buckets):
+    _fail("model_type=I2V of TI2V 5B learns the frames after the clean first one, and the data "
+          "has one-frame clips (images): leave the images out, or train model_type=T2V")
   pt, ph, pw = model.patch_size
   tokens = lambda s: (s[0] // pt) * (s[1] // ph) * (s[2] // pw)
   latent_shape = max(data.buckets, key=tokens)  # the largest batch: memory and FLOPs
   seq_len = tokens(latent_shape)
-  if not c.attention_sharding_uniform and context == 1:
+  if data.pack:
+    _check_packing(c, model)
+    data = plan_data.packed(data, model.patch_size, seq_len, int(c.max_sequence_length),
+                            family.image_tokens, c.mask_padding_tokens, global_batch, int(c.seed))
+  if not c.attention_sharding_uniform and mesh_shape["context"] == 1:
     _fail("attention_sharding_uniform=False has no effect without context parallelism "
           "(ici_context or dcn_context > 1); leave it at True")
-  num_steps = _num_steps(c, global_batch, data)
+  num_steps = _num_steps(c, global_batch, data, model.patch_size)
   decls = transformer.declarations(model)
   per_device, whole = _place_parameters(decls, mesh_shape, DTYPES[c.weights_dtype])
   schedule_steps = (num_steps if c.learning_rate_schedule_steps < 0

@@ -11,16 +11,20 @@ its steps per epoch and its bad files before it builds a model.
 """
 
 import dataclasses
+import math
 import os
 
 from wan import families, fs, vae
 from wan.data import clips as clips_lib
-from wan.data import records, sources
+from wan.data import packing, records, sources
 from wan.data.encode import BUILTIN
 from wan.errors import ConfigError, MissingFile
 from wan.weights import roots
 
-RECORD_FORMATS = {"grain": "arrayrecord"}  # dataset_type -> cache format (default tfrecord)
+RECORD_FORMATS = {"grain": "arrayrecord"}
+# Conditioning kinds whose samples hold the same arrays: TI2V's clean first frame is the first
+# latent frame itself, so its T2V and I2V runs read one cache.
+_STORED = {"first_frame": "none"}  # dataset_type -> cache format (default tfrecord)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +32,8 @@ class Encoding:
   """The encoders that turn clips into training samples, and what their samples look like."""
   family: str
   vae: str  # a model root or VAE directory, or BUILTIN
-  text_encoder: str  # a model root or UMT5 directory (with tokenizer), or BUILTIN
+  text_encoder: str  # a UMT5 directory, or BUILTIN
+  tokenizer: str  # its tokenizer directory, or BUILTIN
   image_encoder: str | None  # Wan 2.1 I2V: a model root or CLIP directory, or BUILTIN
   latent_space: str  # wan.vae.PRESETS name of the family's latent space
   conditioning: str  # wan/conditioning.py kind
@@ -71,6 +76,23 @@ class Preparation:
 
 
 @dataclasses.dataclass(frozen=True)
+class Packing:
+  """Row sizes of packed batches (pack_sequences=True), fixed so that the step compiles once.
+
+  A row holds whole clips of any buckets, at most as many as clips of the smallest bucket fit
+  its tokens; captions and CLIP states get room for that many, so only tokens ever decide a
+  row (the epoch's rows follow from token counts alone, wan/data/packing.py `epoch_rows`).
+  """
+  seq_len: int  # video tokens per row: the largest bucket's (plan.seq_len)
+  max_segments: int  # clips per row at most: seq_len // the smallest bucket's tokens
+  caption_len: int  # caption tokens one clip takes: its own length, at most this (padding
+  #                   masked, mask_padding_tokens=True), or always this, zero-padded and
+  #                   attended as in an unpacked batch (mask_padding_tokens=False)
+  text_len: int  # caption tokens per row: max_segments x caption_len
+  image_len: int  # CLIP tokens per row: max_segments x 257 (Wan 2.1 I2V), else 0
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSettings:
   """The training stream."""
   kind: str  # dataset_type
@@ -80,9 +102,11 @@ class DataSettings:
   encoding: Encoding | None = None  # tf / hf: the encoders run on the fly
   clips: tuple = ()  # tf / hf: the clips (wan/data/clips.py) encoded on the fly
   buckets: tuple = ()  # latent shapes (F', H', W', C) of the stream's batches
-  steps_per_epoch: int | None = None
+  bucket_samples: tuple = ()  # samples per epoch (repeats included) of each bucket
+  steps_per_epoch: int | None = None  # packed and shuffled: epoch 0's (epochs differ a little)
   shuffle: bool = True
   pack: bool = False
+  packing: Packing | None = None  # the row sizes when pack (set by the plan, `packed`)
   prepared_with: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
 
@@ -142,30 +166,47 @@ def _datasets(c, directory: str, field: str) -> tuple:
 
 def _encoders(c, family: families.Family, model) -> Encoding:
   root = _path(c.pretrained_model_name_or_path)
+  latent = vae.PRESETS[family.vae]
   if root:
     vae_dir = roots.resolve(root, "vae")
     text_dir = roots.resolve(root, "text_encoder")
-    roots.resolve(root, "tokenizer")
+    tokenizer_dir = roots.resolve(root, "tokenizer")
     image_dir = roots.resolve(root, "image_encoder") if family.image_tokens else None
+    _check_encoders(root, family, model, latent, vae_dir, text_dir)
   elif c.model_preset.startswith("tiny-"):
-    vae_dir = text_dir = BUILTIN
+    vae_dir = text_dir = tokenizer_dir = BUILTIN
     image_dir = BUILTIN if family.image_tokens else None
   else:
     _fail("encoding clips needs the VAE and text encoder: set pretrained_model_name_or_path to "
           "a diffusers model root (vae/, text_encoder/, tokenizer/"
           f"{', image_encoder/' if family.image_tokens else ''}); the tiny configs use "
           "built-in tiny encoders")
-  latent = vae.PRESETS[family.vae]
   step = latent.scale_factor_spatial * model.patch_size[1]
   if c.resolution % step:
     _fail(f"resolution={c.resolution} must be a multiple of {step} (VAE "
           f"{latent.scale_factor_spatial}x times patch {model.patch_size[1]}); use "
           f"{c.resolution // step * step or step} or {(c.resolution // step + 1) * step}")
   return Encoding(
-      family=family.name, vae=vae_dir, text_encoder=text_dir, image_encoder=image_dir,
+      family=family.name, vae=vae_dir, text_encoder=text_dir, tokenizer=tokenizer_dir,
+      image_encoder=image_dir,
       latent_space=family.vae, conditioning=family.conditioning(c.model_type),
       text_len=int(c.max_sequence_length), text_dim=model.text_dim, image_dim=model.image_dim,
       fps=family.fps, step=step)
+
+
+def _check_encoders(root, family, model, latent, vae_dir, text_dir):
+  """The root's VAE must make the family's latents and its text encoder the model's widths."""
+  made = vae.Config.from_diffusers(roots.read_json(fs.join(vae_dir, "config.json")))
+  got = (made.z_dim, made.scale_factor_spatial, made.scale_factor_temporal)
+  want = (latent.z_dim, latent.scale_factor_spatial, latent.scale_factor_temporal)
+  if got != want:
+    _fail(f"{vae_dir}: a VAE of {got[0]} channels, {got[1]}x / {got[2]}x compression; "
+          f"{family.name} trains on {want[0]} channels, {want[1]}x / {want[2]}x (the "
+          f"{family.vae} VAE): use that family's model root")
+  width = roots.read_json(fs.join(text_dir, "config.json")).get("d_model")
+  if width != model.text_dim:
+    _fail(f"{text_dir}: a text encoder of width {width}; the transformer takes text_dim="
+          f"{model.text_dim}: use the model root of this transformer ({root})")
 
 
 def preparation(c, family, model) -> Preparation:
@@ -206,7 +247,8 @@ def _check_cache(c, manifest: dict, path: str, encoding_like: dict, family):
           f"dataset_type={other} (or prepare again with dataset_type={c.dataset_type})")
   for key, what in (("latent_space", "VAE latent space"), ("conditioning", "conditioning"),
                     ("text_dim", "text-state width"), ("image_dim", "CLIP state width")):
-    if made[key] != encoding_like[key]:
+    stored = lambda v: _STORED.get(v, v) if key == "conditioning" else v
+    if stored(made[key]) != stored(encoding_like[key]):
       _fail(f"{path} was prepared for {made['family']} ({what} {made[key]}); this run trains "
             f"{family.name} ({what} {encoding_like[key]}): prepare it again with this run's "
             "config")
@@ -251,23 +293,37 @@ def stream(c, family, model, global_batch: int) -> DataSettings:
     groups = records.bucket_counts(manifest)
     return DataSettings(kind=c.dataset_type, cache=path, manifest=manifest,
                         buckets=tuple(tuple(s) for s in groups),
+                        bucket_samples=tuple(groups.values()),
                         steps_per_epoch=steps_per_epoch(groups.values(), global_batch),
                         shuffle=shuffle, pack=pack)
   encoding = _encoders(c, family, model)
   datasets = _datasets(c, c.train_data_dir, "train_data_dir")
-  if c.dataset_save_location:
-    # Encoded once into a cache there (wan/data/prepare.py), then read like job=prepare's.
-    records.check_writable(_path(c.dataset_save_location), encoding.identity())
   found, skipped = clips_lib.index(datasets, encoding.fps, encoding.step, vae_temporal(family))
   if not found:
     _fail(f"no usable clips in train_data_dir: {len(skipped)} skipped, e.g. "
           f"{skipped[0][0]}: {skipped[0][1]}" if skipped else "no clips in train_data_dir")
+  save = _path(c.dataset_save_location)
+  if save:
+    # Encoded once into a cache there (wan/data/__init__.py), then read like job=prepare's.
+    records.check_writable(save, encoding.identity())
+    if fs.exists(fs.join(save, records.MANIFEST)):
+      held = {r["key"] for s in records.read_manifest(save)["shards"] for r in s["records"]}
+      if held != set(saved_keys(found)):
+        _fail(f"dataset_save_location={save} holds a cache of other clips than these "
+              f"({len(held)} vs {len(found)}); choose another location, or delete it to "
+              "encode again")
   groups = clips_lib.bucket_counts(found, encoding, vae.PRESETS[family.vae])
   return DataSettings(kind=c.dataset_type, encoding=encoding, clips=tuple(found),
-                      cache=_path(c.dataset_save_location),
-                      buckets=tuple(groups), manifest={"skipped": skipped},
+                      cache=save,
+                      buckets=tuple(groups), bucket_samples=tuple(groups.values()),
+                      manifest={"skipped": skipped},
                       steps_per_epoch=steps_per_epoch(groups.values(), global_batch),
                       shuffle=shuffle, pack=pack, prepared_with=prepared_settings(c))
+
+
+def saved_keys(clips) -> list[str]:
+  """The record keys of on-the-fly clips in a dataset_save_location cache."""
+  return [f"{i}/{clip.key}" for i, clip in enumerate(clips)]
 
 
 def vae_temporal(family) -> int:
@@ -277,3 +333,31 @@ def vae_temporal(family) -> int:
 def steps_per_epoch(counts, global_batch: int) -> int:
   """Batches of one bucket each: a bucket's last batch is filled from its own samples."""
   return sum(-(-n // global_batch) for n in counts)
+
+
+def packed(data: DataSettings, patch_size, seq_len: int, text_len: int, image_len: int,
+           mask_padding: bool, global_batch: int, seed: int) -> DataSettings:
+  """`data` with the row sizes of pack_sequences=True and its packed steps per epoch.
+
+  seq_len: tokens per row (the largest bucket's); text_len: max_sequence_length; image_len:
+  CLIP tokens per clip (0 without). A cache knows its longest caption: with masked padding a
+  clip's caption takes only its own tokens, so the rows make room for that many, not text_len.
+  """
+  tokens = lambda s: math.prod(n // k for n, k in zip(s[:3], patch_size))
+  max_segments = seq_len // min(tokens(s) for s in data.buckets)
+  caption_len = text_len
+  if mask_padding and data.kind in ("tfrecord", "grain"):
+    caption_len = min(text_len, max(1, data.manifest["max_text_length"]))
+  rows = Packing(seq_len=seq_len, max_segments=max_segments, caption_len=caption_len,
+                 text_len=max_segments * caption_len, image_len=max_segments * image_len)
+  data = dataclasses.replace(data, packing=rows)
+  return dataclasses.replace(data, steps_per_epoch=packed_steps(data, patch_size, global_batch,
+                                                                seed, 0))
+
+
+def packed_steps(data: DataSettings, patch_size, global_batch: int, seed: int,
+                 epoch: int) -> int:
+  """Batches of a packed epoch: its rows (first fit in the epoch's order) by global_batch."""
+  rows = packing.epoch_rows(dict(zip(data.buckets, data.bucket_samples)), patch_size,
+                            data.packing.seq_len, seed, epoch, data.shuffle)
+  return -(-len(rows) // global_batch)

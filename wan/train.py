@@ -3,13 +3,18 @@
 Data flow of one step (all inside one jit with explicit shardings; the state is donated):
   batch (global arrays) + key(seed, step) -> sigma, noise -> x_t -> conditioning.model_inputs
   -> transformer.forward -> velocity loss (optionally bell-weighted) -> grads -> AdamW
+Packed batches (pack_sequences=True, wan/data/batch.py) take the same path in token space: one
+sigma per clip, packing.model_inputs, transformer.forward_packed, one loss per clip
+(packing.segment_mean), the mean over the batch's clips.
 
 The loop never waits for the host between steps: step N+1 is dispatched before step N's metrics
 are read, and step time is the time between completions.
 """
 
+import collections
 import contextlib
 import dataclasses
+import math
 import time
 
 import jax
@@ -18,6 +23,7 @@ import optax
 
 from wan import checkpoint, conditioning, data, flow, fs, metrics, optim, sharding, transformer
 from wan.data import batch as batch_lib
+from wan.data import packing
 from wan.errors import CheckpointError, ConfigError
 from wan.numerics import DTYPES
 from wan.plan import Plan
@@ -82,15 +88,18 @@ def _scope(plan: Plan, name):
   return jax.named_scope(name) if plan.outputs.named_scopes else contextlib.nullcontext()
 
 
-def draw(key, plan: Plan, shape):
-  """The step's randomness for latents of `shape` (B, F, H, W, C): (sigma (B,), noise, caption
-  drop (B,) bool or None, dropout key)."""
+def draw(key, plan: Plan, shape, sigma_shape=None):
+  """The step's randomness for latents (or packed tokens) of `shape`: (sigma, noise of `shape`,
+  caption drop (bool, like sigma) or None, dropout key). sigma_shape: one noise level per
+  entry, default (B,) (one per sample; packed batches: (B, K), one per clip)."""
   sigma_key, noise_key, caption_key, dropout_key = jax.random.split(key, 4)
+  sigma_shape = tuple(shape[:1] if sigma_shape is None else sigma_shape)
   f = plan.flow
-  sigma = flow.sample_sigmas(sigma_key, shape[0], sampling=f.sampling, mean=f.logit_mean,
-                             std=f.logit_std, flow_shift=f.shift, sigma_range=f.sigma_range)
+  sigma = flow.sample_sigmas(sigma_key, math.prod(sigma_shape), sampling=f.sampling,
+                             mean=f.logit_mean, std=f.logit_std, flow_shift=f.shift,
+                             sigma_range=f.sigma_range).reshape(sigma_shape)
   noise = jax.random.normal(noise_key, shape, jnp.float32)
-  drop = (jax.random.bernoulli(caption_key, f.caption_dropout, (shape[0],))
+  drop = (jax.random.bernoulli(caption_key, f.caption_dropout, sigma_shape)
           if f.caption_dropout > 0 else None)
   return sigma, noise, drop, dropout_key
 
@@ -125,8 +134,53 @@ def flow_loss(p, batch: dict, sigma, noise, plan: Plan, *, drop=None, dropout_ke
   return per_sample.mean()
 
 
+def packed_flow_loss(p, batch: dict, sigma, noise, plan: Plan, *, drop=None, dropout_key=None):
+  """`flow_loss` of a packed batch (wan/data/batch.py): the mean over its clips of each clip's
+  (weighted) squared velocity error, every clip counting once whatever its size.
+
+  sigma: (B, K) one noise level per clip (segment k + 1 of a row; padding entries unused);
+  noise: (B, S, pv * C) per token; drop: (B, K) bool, clips whose caption becomes zeros.
+  """
+  ids, x0 = batch["segment_ids"], batch["tokens"].astype(jnp.float32)
+  num_segments = sigma.shape[1]
+  sigma_t = packing.segment_broadcast(sigma, ids)
+  x_t = flow.noisy(x0.reshape(-1, x0.shape[-1]), noise.reshape(-1, x0.shape[-1]),
+                   sigma_t.reshape(-1)).reshape(x0.shape)
+  x_in, t, loss_tokens = packing.model_inputs(plan.conditioning, x_t,
+                                              flow.NUM_TRAIN_TIMESTEPS * sigma_t, batch,
+                                              plan.model.patch_volume)
+  text = batch["text"]
+  if drop is not None:
+    # A dropped caption: its tokens become zeros (all alike, so as many zeros attend as one
+    # would: the unpacked batch's all-padding caption).
+    dropped = packing.segment_broadcast(drop, batch["text_segment_ids"])
+    text = jnp.where(dropped[..., None], 0.0, text)
+  opts = plan.options
+  with _scope(plan, "forward"):
+    pred = transformer.forward_packed(
+        p, plan.model, x_in.astype(opts.dtype), batch["positions"], ids, t,
+        text.astype(opts.dtype), batch["text_segment_ids"], batch.get("image"),
+        batch.get("image_segment_ids"), options=opts,
+        dropout_rng=dropout_key if opts.dropout > 0 else None)
+  with _scope(plan, "loss"):
+    err = jnp.square(pred.astype(jnp.float32) - flow.velocity(x0, noise)).mean(axis=-1)
+    loss_ids = ids if loss_tokens is None else jnp.where(loss_tokens, ids, 0)
+    per_segment = packing.segment_mean(err, loss_ids, num_segments)
+    if plan.flow.bell_weighting:
+      per_segment = per_segment * flow.bell_weight(sigma, plan.flow.shift)
+    # Clips with a token in the loss (not padding; not a one-frame clip under first_frame).
+    counted = (loss_ids[..., None] == jnp.arange(1, num_segments + 1)).any(axis=1)
+    return jnp.sum(jnp.where(counted, per_segment, 0.0)) / jnp.maximum(counted.sum(), 1)
+
+
 def loss_fn(p, batch: dict, key, plan: Plan):
   """The training loss of one global batch with the randomness of `key`: (loss, sigma)."""
+  if plan.data.pack:
+    shape = batch["tokens"].shape
+    sigma, noise, drop, dropout_key = draw(key, plan, shape,
+                                           (shape[0], batch["segment_grid"].shape[1]))
+    return packed_flow_loss(p, batch, sigma, noise, plan, drop=drop,
+                            dropout_key=dropout_key), sigma
   sigma, noise, drop, dropout_key = draw(key, plan, batch["latents"].shape)
   return flow_loss(p, batch, sigma, noise, plan, drop=drop, dropout_key=dropout_key), sigma
 
@@ -147,6 +201,10 @@ def make_step(run: Run):
     new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state["step"]), "sigma_mean": sigma.mean()}
+    if plan.data.pack:
+      clips = batch["segment_grid"][..., 0] > 0
+      stats["sigma_mean"] = jnp.sum(jnp.where(clips, sigma, 0.0)) / jnp.maximum(clips.sum(), 1)
+      stats["segment_grid"] = batch["segment_grid"]  # the clips present, for the reporter
     return new, stats
 
   replicated = jax.NamedSharding(run.mesh, jax.P())
@@ -182,12 +240,20 @@ def _log(message):
     print(message, flush=True)
 
 
-def step_flops(plan: Plan, latent_shape=None) -> float:
+def step_flops(plan: Plan, latent_shape=None, clips=None) -> float:
   """FLOPs of one train step as MaxDiffusion counts them: 3 x the forward's matmuls (remat
-  recomputation not counted), for batches of `latent_shape` (default the plan's largest)."""
+  recomputation not counted), for batches of `latent_shape` (default the plan's largest; a
+  packed plan's: rows each one clip of the largest bucket). clips: the latent shapes (F, H, W)
+  of a packed batch's clips, each counted as it would run alone with a text_len caption (the
+  unpacked batch's work: padding is no work, and clips do not attend to each other)."""
+  per_token = plan.conditioning == "first_frame"
+  if clips is not None:
+    return 3 * sum(transformer.flops(plan.model, n, f, h, w, plan.text_len, plan.image_len,
+                                     per_token_timestep=per_token)
+                   for (f, h, w), n in collections.Counter(map(tuple, clips)).items())
   f, h, w, _ = latent_shape or plan.latent_shape
   return 3 * transformer.flops(plan.model, plan.global_batch, f, h, w, plan.text_len,
-                               plan.image_len, per_token_timestep=plan.conditioning == "first_frame")
+                               plan.image_len, per_token_timestep=per_token)
 
 
 class _Reporter:
@@ -203,18 +269,26 @@ class _Reporter:
     self.losses = []
 
   def __call__(self, step: int, stats, latent_shape):
+    """latent_shape: the unpacked batch's (F, H, W, C); None for a packed batch, whose clips
+    come in stats["segment_grid"]."""
     stats = jax.device_get(stats)  # waits for the step to complete
     now = time.perf_counter()
     elapsed, self._last = now - self._last, now
+    grids = stats.pop("segment_grid", None)
     self.losses.append(float(stats["loss"]))
     plan = self._plan
     if (step + 1) % plan.outputs.log_every == 0 or step + 1 == plan.num_steps:
-      if latent_shape not in self._flops:
-        self._flops[latent_shape] = step_flops(plan, latent_shape)
-      tflops = self._flops[latent_shape] / elapsed / self._devices / 1e12
+      if grids is not None:  # token grids of the clips present -> latent shapes
+        clips = grids[grids[..., 0] > 0] * plan.model.patch_size
+        flops, samples = step_flops(plan, clips=clips), len(clips)
+      else:
+        if latent_shape not in self._flops:
+          self._flops[latent_shape] = step_flops(plan, latent_shape)
+        flops, samples = self._flops[latent_shape], plan.global_batch
+      tflops = flops / elapsed / self._devices / 1e12
       self._writer.write(step + 1, {**stats, "step_time": elapsed, "tflops_per_device": tflops,
                                     "mfu": tflops / self._peak if self._peak else None,
-                                    "samples_per_second": plan.global_batch / elapsed})
+                                    "samples_per_second": samples / elapsed})
 
 
 def _make_output_dirs(out):
@@ -264,7 +338,7 @@ def train(plan: Plan, devices=None) -> list[float]:
       state, stats = step_fn(state, batch)
       if pending is not None:
         report(*pending)
-      pending = (step, stats, batch["latents"].shape[1:])
+      pending = (step, stats, batch["latents"].shape[1:] if "latents" in batch else None)
       done = step + 1
       due = ckpt and (done * b // out.checkpoint_every > step * b // out.checkpoint_every
                       or done == plan.num_steps)

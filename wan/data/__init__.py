@@ -35,7 +35,9 @@ def make(plan, mesh):
   from wan.data import prepare, records  # pylint: disable=import-outside-toplevel
   if not fs.exists(fs.join(data.cache, records.MANIFEST)):
     p, n = jax.process_index(), jax.process_count()
-    keyed = [(f"{i}/{c.key}", c) for i, c in enumerate(data.clips) if i % n == p]
+    from wan import plan_data  # pylint: disable=import-outside-toplevel
+    keyed = [kc for i, kc in enumerate(zip(plan_data.saved_keys(data.clips), data.clips))
+             if i % n == p]
     prepare.write(encoders, keyed, data.manifest["skipped"] if p == 0 else [], data.cache,
                   "tfrecord", 0, {"sources": [], "settings": data.prepared_with})
   cached = dataclasses.replace(data, kind="tfrecord", manifest=records.read_manifest(data.cache))

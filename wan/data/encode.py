@@ -74,7 +74,7 @@ def load(encoding, dtype: str = "float32") -> Encoders:
   else:
     vae_cfg, vae_params = vae.load(encoding.vae, dtype)
     text_cfg, text_params, tokenize = text_encoder.load(
-        encoding.text_encoder, weights_dtype=dtype, activations_dtype=dtype)
+        encoding.text_encoder, encoding.tokenizer, weights_dtype=dtype, activations_dtype=dtype)
     parts = dict(vae_cfg=vae_cfg, vae_params=vae_params, text_cfg=text_cfg,
                  text_params=text_params, tokenize=tokenize, image_cfg=None, image_params=None)
     if encoding.image_encoder:

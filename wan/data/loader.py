@@ -6,7 +6,15 @@ An epoch: each bucket's samples (each `repeats` times) shuffled with (seed, epoc
 into global batches, the last one filled from the bucket's own start; then the batches of all
 buckets shuffled with (seed, epoch). Each process reads only the rows of a batch that its
 devices hold, from the cache (dataset_type=tfrecord / grain) or by decoding and encoding clips
-on the fly (tf / hf), in a background thread a few batches ahead of the step.
+on the fly (tf / hf), in a background thread that puts batches on the devices a few batches
+ahead of the step.
+
+Packed (pack_sequences=True): all of an epoch's samples (buckets together, repeats included)
+shuffled with (seed, epoch), packed first fit in that order into rows of plan.seq_len tokens
+(wan/data/packing.py `epoch_rows`, from token counts alone: no data is read to plan), and cut
+into batches of global_batch rows, the last one filled from the epoch's first rows. Epochs may
+differ by a row or so; the position is still one integer (batches consumed) and a resumed run
+finds its epoch by packing the epochs before it again (token counts only).
 """
 
 import queue
@@ -17,7 +25,7 @@ import numpy as np
 
 from wan.data import batch as batch_lib
 from wan.data import clips as clips_lib
-from wan.data import records
+from wan.data import packing, records
 
 PREFETCH = 2  # host batches ready ahead of the step
 
@@ -41,11 +49,24 @@ def epoch_batches(groups: dict, batch: int, seed: int, epoch: int, shuffle: bool
   return out
 
 
+def packed_batches(groups: dict, plan, epoch: int) -> list:
+  """The packed batches of one epoch: [[sample ids of each row] x global_batch].
+  groups: {bucket: [sample ids]} (a sample id once per repeat)."""
+  slots = [i for bucket in sorted(groups) for i in groups[bucket]]
+  rows = packing.epoch_rows({bucket: len(ids) for bucket, ids in groups.items()},
+                            plan.model.patch_size, plan.data.packing.seq_len, plan.seed, epoch,
+                            plan.data.shuffle)
+  rows = [[slots[j] for j in row] for row in rows]
+  b = plan.global_batch
+  return [[rows[(start + i) % len(rows)] for i in range(b)] for start in range(0, len(rows), b)]
+
+
 def local_rows(plan, mesh) -> range:
   """The rows of a global batch that this process's devices hold."""
   b = plan.global_batch
-  shard = batch_lib.shardings(plan, mesh)["latents"]
-  rows = shard.addressable_devices_indices_map(batch_lib.shapes(plan)["latents"])
+  key = "tokens" if plan.data.pack else "latents"
+  shard = batch_lib.shardings(plan, mesh)[key]
+  rows = shard.addressable_devices_indices_map(batch_lib.shapes(plan)[key])
   starts = [idx[0].start or 0 for idx in rows.values()]
   stops = [b if idx[0].stop is None else idx[0].stop for idx in rows.values()]
   return range(min(starts), max(stops))
@@ -72,24 +93,58 @@ def assemble(samples: list[dict], plan) -> dict:
   return out
 
 
+def assemble_packed(rows: list[list[dict]], plan) -> dict:
+  """Host rows of the packed layout (wan/data/batch.py) from the samples of each row, in the
+  rows' order: the epoch plan's rows, packed as planned (no first fit of their own)."""
+  sizes = plan.data.packing
+  masked = plan.options.mask_padding_tokens
+  items, row_of = [], []
+  for r, samples in enumerate(rows):
+    for s in samples:
+      text = s["text"]
+      if not masked:  # zero-padded to the caption length and attended, as unpacked
+        text = np.concatenate([text, np.zeros((sizes.caption_len - len(text), text.shape[-1]),
+                                              text.dtype)])
+      item = {"latents": s["latents"], "text": text}
+      if plan.conditioning == "concat":
+        cond_mask = np.zeros(s["latents"].shape[:3] + (batch_lib.MASK_CHANNELS,), np.float32)
+        cond_mask[0] = 1.0
+        item.update(cond=s["cond"], cond_mask=cond_mask)
+      if plan.image_len:
+        item["image"] = s["image"]
+      items.append(item)
+      row_of.append(r)
+  out = packing.pack(items, sizes.seq_len, sizes.text_len, plan.model.patch_size,
+                     sizes.image_len, num_rows=len(rows), max_segments=sizes.max_segments,
+                     rows=row_of)
+  del out["placement"]  # a host-side index, not a fixed-shape batch entry
+  return out
+
+
 class Stream:
-  """Iterator of global batches (wan/data/batch.py's layout, latents of the batch's bucket)."""
+  """Iterator of global batches (wan/data/batch.py's layout: one bucket's latents, or packed
+  rows of any buckets when plan.data.pack)."""
 
   def __init__(self, plan, mesh, groups: dict, fetch, order=None):
     """groups: {bucket latent shape: [sample ids]}; fetch(ids) -> [sample dicts] (host);
     order(index) -> which batch of its epoch the index-th batch is (default: our own seeded
-    permutation)."""
+    permutation; unpacked only)."""
+    if plan.data.pack and order is not None:
+      raise ValueError("packed epochs are ordered by their packing; give no batch order")
     self._plan, self._groups, self._fetch, self._order = plan, groups, fetch, order
     self._shardings = batch_lib.shardings(plan, mesh)
     self._rows = local_rows(plan, mesh)
-    self._per_epoch = sum(-(-len(v) // plan.global_batch) for v in groups.values())
+    self._per_epoch = None if plan.data.pack else sum(
+        -(-len(v) // plan.global_batch) for v in groups.values())
+    self._epoch_lengths = {}  # packed: batches of each epoch planned so far
     self._next = 0
     self._epoch_cache = (None, None)
     self._queue, self._thread, self._stop = None, None, threading.Event()
 
   @property
   def steps_per_epoch(self) -> int:
-    return self._per_epoch
+    """Batches per epoch (packed: epoch 0's; each epoch packs its own order)."""
+    return self._epoch_length(0)
 
   def state(self) -> dict:
     return {"next_batch": self._next}
@@ -98,22 +153,54 @@ class Stream:
     self._halt()
     self._next = int(state["next_batch"])
 
+  def _epoch(self, epoch: int) -> list:
+    if self._epoch_cache[0] != epoch:
+      p = self._plan
+      if p.data.pack:
+        batches = packed_batches(self._groups, p, epoch)
+        self._epoch_lengths[epoch] = len(batches)
+      else:
+        batches = epoch_batches(self._groups, p.global_batch, p.seed, epoch, p.data.shuffle,
+                                shuffle_batches=self._order is None)
+      self._epoch_cache = (epoch, batches)
+    return self._epoch_cache[1]
+
+  def _epoch_length(self, epoch: int) -> int:
+    if self._per_epoch is not None:
+      return self._per_epoch
+    if not self._plan.data.shuffle:
+      epoch = 0  # every epoch packs the same order
+    if epoch not in self._epoch_lengths:
+      self._epoch_lengths[epoch] = len(packed_batches(self._groups, self._plan, epoch))
+    return self._epoch_lengths[epoch]
+
+  def _locate(self, index: int) -> tuple[int, int]:
+    """(epoch, batch within it) of the index-th batch of the stream."""
+    if self._per_epoch is not None or not self._plan.data.shuffle:
+      return divmod(index, self._epoch_length(0))
+    epoch = 0
+    while index >= self._epoch_length(epoch):
+      index -= self._epoch_length(epoch)
+      epoch += 1
+    return epoch, index
+
   def _batch(self, index: int):
-    epoch, i = divmod(index, self._per_epoch)
+    epoch, i = self._locate(index)
     if self._order is not None:
       i = self._order(index)
-    if self._epoch_cache[0] != epoch:
-      self._epoch_cache = (epoch, epoch_batches(
-          self._groups, self._plan.global_batch, self._plan.seed, epoch, self._plan.data.shuffle,
-          shuffle_batches=self._order is None))
-    bucket, ids = self._epoch_cache[1][i]
+    batch = self._epoch(epoch)[i]
+    if self._plan.data.pack:
+      rows = [batch[r] for r in self._rows]
+      samples = iter(self._fetch([sample for row in rows for sample in row]))
+      return None, assemble_packed([[next(samples) for _ in row] for row in rows], self._plan)
+    bucket, ids = batch
     return bucket, assemble(self._fetch([ids[r] for r in self._rows]), self._plan)
 
   def _produce(self, start: int):
     index = start
     while not self._stop.is_set():
-      try:
-        item = (index, *self._batch(index))
+      try:  # on the devices before the step asks for it
+        item = (index, None, self._to_devices(self._batch(index)[1]))
       except Exception as e:  # pylint: disable=broad-except
         item = (index, e, None)
       while not self._stop.is_set():
@@ -141,11 +228,14 @@ class Stream:
       self._queue = queue.Queue(PREFETCH)
       self._thread = threading.Thread(target=self._produce, args=(self._next,), daemon=True)
       self._thread.start()
-    index, bucket, host = self._queue.get()
+    index, error, batch = self._queue.get()
     assert index == self._next
-    if isinstance(bucket, Exception):
-      raise bucket
+    if error is not None:
+      raise error
     self._next += 1
+    return batch
+
+  def _to_devices(self, host: dict) -> dict:
     b = self._plan.global_batch
     return {k: jax.make_array_from_process_local_data(
         self._shardings[k], v, (b,) + v.shape[1:]) for k, v in host.items()}
@@ -167,9 +257,10 @@ def from_cache(plan, mesh) -> Stream:
   reader = records.Reader(cache, manifest)
   groups = _groups((shapes[r["bucket"]], r["repeats"]) for _, r in refs)
   order = None
-  if manifest["record_format"] == "arrayrecord":
+  if manifest["record_format"] == "arrayrecord" and not plan.data.pack:
     # dataset_type=grain: grain's index sampler orders each epoch's batches (deterministic in
-    # the position, so the position alone is the checkpointed state).
+    # the position, so the position alone is the checkpointed state). Packed epochs are
+    # ordered by their packing (epochs of different lengths).
     from grain import python as grain  # pylint: disable=import-outside-toplevel
     sampler = grain.IndexSampler(
         num_records=sum(-(-len(v) // plan.global_batch) for v in groups.values()),
@@ -186,8 +277,16 @@ def on_the_fly(plan, mesh, encoders) -> Stream:
   vae_cfg = encoders.vae_cfg
 
   def fetch(ids):
-    # Rows of one batch share a bucket: one encoder call for all of them.
-    pixels = np.stack([clips_lib.read_pixels(clips[i]) for i in ids])
-    return encode_lib.encode(encoders, pixels, [clips[i].item.caption for i in ids])
+    # One encoder call per bucket (an unpacked batch is one bucket; packed rows mix them).
+    out = [None] * len(ids)
+    by_bucket = {}
+    for j, i in enumerate(ids):
+      by_bucket.setdefault(clips[i].latent_shape(vae_cfg), []).append(j)
+    for js in by_bucket.values():
+      pixels = np.stack([clips_lib.read_pixels(clips[ids[j]]) for j in js])
+      samples = encode_lib.encode(encoders, pixels, [clips[ids[j]].item.caption for j in js])
+      for j, sample in zip(js, samples):
+        out[j] = sample
+    return out
 
   return Stream(plan, mesh, _groups((c.latent_shape(vae_cfg), c.repeats) for c in clips), fetch)

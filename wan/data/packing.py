@@ -20,7 +20,9 @@ of a packed batch of R rows, K segments at most per row (NumPy, host side):
 pv = prod(patch_size). The per-token losses go back to one number per clip with
 `segment_mean`, so every clip counts once however many tokens it has; `segment_broadcast`
 spreads per-clip values (sigma) over the tokens; `concat_channels` builds the concat-kind
-model input [x_t, cond_mask, cond] in token space; `unpack` returns per-clip videos.
+model input [x_t, cond_mask, cond] in token space and `model_inputs` every conditioning kind
+(wan/conditioning.py's, on tokens); `unpack` returns per-clip videos. Training packs a whole
+epoch at once (`epoch_rows`, from token counts alone) and `pack`s each batch's rows as planned.
 """
 
 import math
@@ -73,24 +75,70 @@ def _sizes(samples, patch_size, seq_len, text_len, image_len):
   return sizes
 
 
-def _first_fit(sizes, seq_len, text_len, image_len, max_segments):
-  """Row of each sample: the first row with room for its tokens, caption and image."""
-  used, rows = [], []  # used[r] = [tokens, text, image, segments]
-  for _, n_tok, n_text, n_img in sizes:
-    for r, u in enumerate(used):
-      if (u[0] + n_tok <= seq_len and u[1] + n_text <= text_len and u[2] + n_img <= image_len
-          and u[3] < max_segments):
-        break
-    else:
-      r = len(used)
-      used.append([0, 0, 0, 0])
-    used[r] = [used[r][0] + n_tok, used[r][1] + n_text, used[r][2] + n_img, used[r][3] + 1]
+def first_fit(needs, capacity) -> tuple[list[int], int]:
+  """(row of each item, rows used): each item, in order, goes into the first row with room.
+
+  needs: per item, a tuple of what it takes (e.g. tokens, caption tokens, image tokens, 1
+  segment); capacity: what a row holds, one entry per need. A row that lacked room for a need
+  vector lacks it for good (rows only fill up), so one pointer per distinct need vector walks
+  the rows forward once: O(items + rows x distinct needs), exactly first fit.
+  """
+  capacity = tuple(capacity)
+  used, rows, first = [], [], {}  # first[need]: no row before it has room for need
+  for need in needs:
+    need = tuple(need)
+    r = first.get(need, 0)
+    while r < len(used) and any(u + n > c for u, n, c in zip(used[r], need, capacity)):
+      r += 1
+    if r == len(used):
+      used.append((0,) * len(capacity))
+    used[r] = tuple(u + n for u, n in zip(used[r], need))
+    first[need] = r
     rows.append(r)
   return rows, len(used)
 
 
+def epoch_rows(counts: dict, patch_size, seq_len: int, seed: int, epoch: int,
+               shuffle: bool) -> list[list[int]]:
+  """The packed rows of one epoch, a pure function of (counts, seed, epoch).
+
+  counts: {latent shape (F, H, W, C): samples in the epoch, repeats included}. The epoch's
+  sample slots are numbered bucket after bucket (buckets sorted) and shuffled with
+  (seed, epoch) when `shuffle`; then packed first fit, in that order, into rows of `seq_len`
+  tokens. Only token counts decide a row: the captions, images and segments of a row always fit
+  (wan/plan_data.py sizes them for the most clips a row can hold). Returns the slots of each
+  row, in row order.
+  """
+  sizes = [math.prod(f // k for f, k in zip(shape[:3], patch_size))
+           for shape, n in sorted(counts.items()) for _ in range(n)]
+  order = np.arange(len(sizes))
+  if shuffle:
+    order = np.random.default_rng([seed, epoch]).permutation(len(sizes))
+  rows, n_rows = first_fit([(sizes[j],) for j in order], (seq_len,))
+  out = [[] for _ in range(n_rows)]
+  for j, r in zip(order, rows):
+    out[r].append(int(j))
+  return out
+
+
+def _check_rows(sizes, rows, seq_len, text_len, image_len, max_segments):
+  """Given rows (a caller's own first fit): each row's clips must fit it."""
+  if len(rows) != len(sizes):
+    raise ValueError(f"rows names the row of {len(rows)} samples; there are {len(sizes)}")
+  used = {}
+  for r, (_, n_tok, n_text, n_img) in zip(rows, sizes):
+    u = used.setdefault(r, [0, 0, 0, 0])
+    u[:] = u[0] + n_tok, u[1] + n_text, u[2] + n_img, u[3] + 1
+  for r, u in sorted(used.items()):
+    for what, have, room in (("tokens", u[0], seq_len), ("caption tokens", u[1], text_len),
+                             ("image tokens", u[2], image_len), ("segments", u[3], max_segments)):
+      if have > room:
+        raise ValueError(f"row {r} is given {have} {what}; a row holds {room}")
+  return max(rows) + 1
+
+
 def pack(samples: list[dict], seq_len: int, text_len: int, patch_size, image_len: int = 0, *,
-         num_rows: int | None = None, max_segments: int | None = None) -> dict:
+         num_rows: int | None = None, max_segments: int | None = None, rows=None) -> dict:
   """Packs clips into rows of `seq_len` tokens by first fit, keeping the order of `samples`.
 
   samples: dicts of NumPy arrays {"latents": (F, H, W, C), "text": (L_i, D) at the caption's
@@ -99,13 +147,20 @@ def pack(samples: list[dict], seq_len: int, text_len: int, patch_size, image_len
   seq_len, text_len, image_len: tokens, caption tokens and image tokens per row.
   num_rows, max_segments: fix the number of rows (empty rows are all padding) and of segments
     per row, so that every batch has the same shapes (one compilation); None: as many as used.
+  rows: the row of each sample, when the caller packed them already (the loader packs a whole
+    epoch, `epoch_rows`); None: first fit here.
   Returns the arrays of the module docstring. Raises ValueError for a sample that does not fit
   an empty row (naming the seq_len, text_len or image_len it needs) or more rows than num_rows.
   """
   if not samples:
     raise ValueError("pack needs at least one sample")
   sizes = _sizes(samples, patch_size, seq_len, text_len, image_len)
-  rows, n_rows = _first_fit(sizes, seq_len, text_len, image_len, max_segments or len(samples))
+  if rows is None:
+    rows, n_rows = first_fit([(n_tok, n_text, n_img, 1) for _, n_tok, n_text, n_img in sizes],
+                             (seq_len, text_len, image_len, max_segments or len(samples)))
+  else:
+    rows = [int(r) for r in rows]
+    n_rows = _check_rows(sizes, rows, seq_len, text_len, image_len, max_segments or len(samples))
   if num_rows is not None and n_rows > num_rows:
     raise ValueError(f"{len(samples)} samples need {n_rows} rows of seq_len={seq_len}, "
                      f"text_len={text_len}, image_len={image_len}; num_rows={num_rows}")
@@ -174,6 +229,28 @@ def concat_channels(parts, patch_volume: int):
   split = [p.reshape(*p.shape[:-1], patch_volume, p.shape[-1] // patch_volume) for p in parts]
   joined = jnp.concatenate(split, axis=-1)
   return joined.reshape(*joined.shape[:-2], -1)
+
+
+def model_inputs(kind: str, x_t, t, batch: dict, patch_volume: int):
+  """`conditioning.model_inputs` on packed rows: (model input, timestep, loss tokens or None).
+
+  x_t: (B, S, pv * C) noisy tokens; t: (B, S) per-token timesteps; batch: the packed batch
+  (wan/data/batch.py: tokens, positions, cond_tokens, cond_mask_tokens). Returns the input
+  (B, S, pv * C_in), the timesteps (B, S) and, for first_frame, a (B, S) bool mask of the tokens
+  the loss counts (every clip's first latent frame is left out: it is the clean image).
+  """
+  if kind == "concat":
+    return concat_channels([x_t, batch["cond_mask_tokens"].astype(x_t.dtype),
+                            batch["cond_tokens"].astype(x_t.dtype)], patch_volume), t, None
+  if kind == "first_frame":
+    # Frame 0 of each clip's own token grid is its first latent frame (temporal patch 1,
+    # checked with the family): clean, at timestep 0, out of the loss.
+    first = batch["positions"][..., 0] == 0
+    x_t = jnp.where(first[..., None], batch["tokens"].astype(x_t.dtype), x_t)
+    return x_t, jnp.where(first, 0.0, t), ~first
+  if kind == "none":
+    return x_t, t, None
+  raise ValueError(f"conditioning kind {kind!r} is not one of none, concat, first_frame")
 
 
 def segment_mean(values, segment_ids, num_segments: int):
