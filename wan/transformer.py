@@ -22,12 +22,10 @@ Checkpoint names and layouts live in `wan/weights/transformer.py`, remat policie
 """
 
 import dataclasses
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 import kernels
@@ -35,6 +33,7 @@ from wan import attention, layers, params, remat, sharding
 from wan.flops import flops  # noqa: F401  (part of this module's API)
 from wan.numerics import DTYPES, PRECISIONS
 from wan.params import Param
+from wan.video_tokens import apply_rope, grid_positions, patchify, rope_cos_sin, unpatchify
 from wan.weights import transformer as transformer_weights
 
 ATTENTIONS = attention.IMPLS
@@ -272,82 +271,6 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
   angles = t.astype(jnp.float32)[..., None] * freqs
   return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
-
-
-def patchify(latents, patch_size):
-  """Non-overlapping (pt, ph, pw) patches, each flattened in (pt, ph, pw, C) order, frame-major.
-
-  latents: (..., F, H, W, C) -> tokens (..., S, pt * ph * pw * C), S = F/pt * H/ph * W/pw.
-  Array methods only, so NumPy arrays stay NumPy (the host-side packer, wan/data/packing.py,
-  uses this same function).
-  """
-  *lead, f, h, w, c = latents.shape
-  pt, ph, pw = patch_size
-  grid = (f // pt, h // ph, w // pw)
-  n = len(lead)
-  x = latents.reshape(*lead, grid[0], pt, grid[1], ph, grid[2], pw, c)
-  x = x.transpose(*range(n), n, n + 2, n + 4, n + 1, n + 3, n + 5, n + 6)
-  return x.reshape(*lead, math.prod(grid), pt * ph * pw * c)
-
-
-def unpatchify(tokens, grid, patch_size, channels: int):
-  """Inverse of `patchify`: (..., S, pt * ph * pw * channels) -> (..., F, H, W, channels).
-
-  grid: (F/pt, H/ph, W/pw), the token grid.
-  """
-  *lead, _, _ = tokens.shape
-  pt, ph, pw = patch_size
-  n = len(lead)
-  x = tokens.reshape(*lead, *grid, pt, ph, pw, channels)
-  x = x.transpose(*range(n), n, n + 3, n + 1, n + 4, n + 2, n + 5, n + 6)
-  return x.reshape(*lead, grid[0] * pt, grid[1] * ph, grid[2] * pw, channels)
-
-
-def grid_positions(grid) -> np.ndarray:
-  """(frame, row, column) of each token of an (f, h, w) token grid, in patchify's order.
-
-  Returns (f * h * w, 3) int32 NumPy.
-  """
-  axes = np.meshgrid(*(np.arange(n, dtype=np.int32) for n in grid), indexing="ij")
-  return np.stack(axes, axis=-1).reshape(-1, 3)
-
-
-@functools.cache
-def rope_tables(cfg: Config):
-  """3D RoPE cos/sin per axis position: ((cos, sin) of frames, of rows, of columns), NumPy float32.
-
-  Each is (rope_max_seq_len, part // 2): the head dim is split into frame / height / width parts
-  (h = w = 2 * (head_dim // 6), the rest for frames) and each part rotates its pairs by
-  position * theta^(-2i/part). Computed in float64, like the reference.
-  """
-  head_dim = cfg.attention_head_dim
-  hw_dim = 2 * (head_dim // 6)
-  tables = []
-  for part in (head_dim - 2 * hw_dim, hw_dim, hw_dim):
-    inv = 1.0 / (10000.0 ** (np.arange(0, part, 2, dtype=np.float64) / part))
-    angles = np.outer(np.arange(cfg.rope_max_seq_len, dtype=np.float64), inv)
-    tables.append((np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)))
-  return tuple(tables)
-
-
-def rope_cos_sin(cfg: Config, positions):
-  """cos, sin per token and rotation pair, gathered from `rope_tables` by grid position.
-
-  positions: (..., S, 3) integer (frame, row, column) -> cos, sin (..., S, head_dim // 2)
-  float32. A position at or past rope_max_seq_len gives NaN (jnp.take's fill), never a
-  silently clamped angle.
-  """
-  tables = rope_tables(cfg)
-  return tuple(jnp.concatenate([jnp.take(t[i], positions[..., axis], axis=0)
-                                for axis, t in enumerate(tables)], axis=-1) for i in (0, 1))
-
-
-def apply_rope(x, cos, sin):
-  """Rotates consecutive pairs (x[2i], x[2i+1]). x: (B, S, H, Dh); cos, sin: (S or B, S, Dh/2)."""
-  x1, x2 = x[..., 0::2].astype(jnp.float32), x[..., 1::2].astype(jnp.float32)
-  cos, sin = cos[..., None, :], sin[..., None, :]
-  out = jnp.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-  return out.reshape(x.shape).astype(x.dtype)
 
 
 def _heads(x, cfg: Config):

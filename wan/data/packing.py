@@ -30,9 +30,9 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-# One implementation of the token order: the transformer's.
-from wan.transformer import grid_positions as positions  # noqa: F401  (part of this API)
-from wan.transformer import patchify, unpatchify  # noqa: F401  (part of this API)
+# One implementation of the token order: wan/video_tokens.py's, which the transformer uses.
+from wan.video_tokens import grid_positions as positions  # noqa: F401  (part of this API)
+from wan.video_tokens import patchify, unpatchify  # noqa: F401  (part of this API)
 
 
 def _grid(latents_shape, patch_size, index):
