@@ -18,6 +18,15 @@ def _gfile():
   return tf.io.gfile
 
 
+def absolute(path) -> str:
+  """A path made absolute (`~` expanded, relative to the working directory); bucket URLs and ""
+  unchanged. Orbax and later processes need absolute paths."""
+  path = str(path)
+  if not path or is_remote(path):
+    return path
+  return os.path.abspath(os.path.expanduser(path))
+
+
 def join(*parts) -> str:
   return "/".join(str(p).rstrip("/") for p in parts) if is_remote(parts[0]) else os.path.join(
       *map(str, parts))

@@ -329,14 +329,6 @@ def _check_ranges(c):
 # The model: family, architecture, options.
 
 
-def local_path(path: str) -> str:
-  """A config path made absolute (`~` expanded, relative to the working directory); bucket URLs
-  and "" unchanged. Orbax and later processes need absolute paths."""
-  if not path or fs.is_remote(path):
-    return path
-  return os.path.abspath(os.path.expanduser(path))
-
-
 def _family(c) -> families.Family:
   if c.model_preset not in transformer.PRESETS:
     _fail(f"model_preset={c.model_preset!r} is not one of {sorted(transformer.PRESETS)}")
@@ -521,9 +513,9 @@ def _place_parameters(decls, mesh_shape, dtype) -> tuple[float, int]:
 
 
 def _outputs(c) -> Outputs:
-  output_dir = local_path(c.output_dir)
+  output_dir = fs.absolute(c.output_dir)
   run_dir = fs.join(output_dir, c.run_name)
-  checkpoint_dir = local_path(c.checkpoint_dir) or fs.join(run_dir, "checkpoints")
+  checkpoint_dir = fs.absolute(c.checkpoint_dir) or fs.join(run_dir, "checkpoints")
   for field, path in (("output_dir", run_dir), ("checkpoint_dir", checkpoint_dir)):
     _check_writable(field, path)
   if c.write_metrics and c.gcs_metrics != fs.is_remote(output_dir):
@@ -537,7 +529,7 @@ def _outputs(c) -> Outputs:
       log_every=int(c.log_every),
       profile_steps=((int(c.skip_first_n_steps_for_profiler), int(c.profiler_steps))
                      if c.enable_profiler else None),
-      named_scopes=c.enable_jax_named_scopes, jax_cache_dir=local_path(c.jax_cache_dir))
+      named_scopes=c.enable_jax_named_scopes, jax_cache_dir=fs.absolute(c.jax_cache_dir))
 
 
 def _check_writable(field, path):
@@ -557,7 +549,7 @@ def preparation(c) -> plan_data.Preparation:
   """Validates a job=prepare config and returns what it reads and writes (nothing is written)."""
   check(c)
   family = _family(c)
-  weights_path = local_path(c.transformer_pretrained_model_name_or_path
+  weights_path = fs.absolute(c.transformer_pretrained_model_name_or_path
                             or c.pretrained_model_name_or_path)
   model, _ = _architecture(c, family, weights_path, vae.PRESETS[family.vae].z_dim)
   _latent_shape(c, model, vae.PRESETS[family.vae])  # num_frames 4k+1, sizes in whole patches
@@ -581,7 +573,7 @@ def make(c, devices) -> Plan:
           f"are {devices.platform}: use attention=flash (or ring, dot_product)")
   family = _family(c)
   vae_cfg = vae.PRESETS[family.vae]
-  weights_path = local_path(c.transformer_pretrained_model_name_or_path
+  weights_path = fs.absolute(c.transformer_pretrained_model_name_or_path
                             or c.pretrained_model_name_or_path)
   model, boundary = _architecture(c, family, weights_path, vae_cfg.z_dim)
   options = _options(c)

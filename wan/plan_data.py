@@ -12,7 +12,6 @@ its steps per epoch and its bad files before it builds a model.
 
 import dataclasses
 import math
-import os
 
 from wan import families, fs, vae
 from wan.data import clips as clips_lib
@@ -114,12 +113,6 @@ def _fail(message):
   raise ConfigError(message)
 
 
-def _path(path: str) -> str:
-  if not path or fs.is_remote(path):
-    return path
-  return os.path.abspath(os.path.expanduser(path))
-
-
 def reads_sources(c) -> bool:
   return c.job == "prepare" or c.dataset_type in ("tf", "hf")
 
@@ -144,7 +137,7 @@ def _datasets(c, directory: str, field: str) -> tuple:
   if c.dataset_type == "hf" and field == "train_data_dir":
     if not c.dataset_name:
       _fail("dataset_type=hf needs dataset_name: a Hugging Face data set on local disk")
-    return (sources.read_hf(_path(c.dataset_name), c.train_split, c.image_column,
+    return (sources.read_hf(fs.absolute(c.dataset_name), c.train_split, c.image_column,
                             c.caption_column, defaults),)
   if field == "train_data_dir" and c.dataset_config:
     if directory:
@@ -153,7 +146,7 @@ def _datasets(c, directory: str, field: str) -> tuple:
   if not directory:
     _fail(f"job=prepare and dataset_type=tf read clips: set {field} to a folder of clips with "
           "captions, a metadata.csv or a .jsonl (or dataset_config to a musubi-tuner TOML)")
-  path = _path(directory)
+  path = fs.absolute(directory)
   if not fs.exists(path):
     raise MissingFile(f"{field}: {path} does not exist")
   datasets = tuple(sources.read(path, defaults, image_column=c.image_column,
@@ -165,7 +158,7 @@ def _datasets(c, directory: str, field: str) -> tuple:
 
 
 def _encoders(c, family: families.Family, model) -> Encoding:
-  root = _path(c.pretrained_model_name_or_path)
+  root = fs.absolute(c.pretrained_model_name_or_path)
   latent = vae.PRESETS[family.vae]
   if root:
     vae_dir = roots.resolve(root, "vae")
@@ -218,7 +211,7 @@ def preparation(c, family, model) -> Preparation:
     _fail(f"no_records_per_shard={c.no_records_per_shard} must be >= 0 (0: one shard per "
           "bucket and process)")
   encoding = _encoders(c, family, model)
-  out = _path(c.tfrecords_dir)
+  out = fs.absolute(c.tfrecords_dir)
   splits = [("train", _datasets(c, c.train_data_dir, "train_data_dir"), out)]
   if c.eval_data_dir:
     splits.append(("eval", _datasets(c, c.eval_data_dir, "eval_data_dir"), fs.join(out, "eval")))
@@ -279,11 +272,11 @@ def stream(c, family, model, global_batch: int) -> DataSettings:
     if not c.train_data_dir:
       _fail(f"dataset_type={c.dataset_type} reads a cache that job=prepare wrote: set "
             "train_data_dir to it")
-    path = _path(c.train_data_dir)
+    path = fs.absolute(c.train_data_dir)
     manifest = records.read_manifest(path)
     like = {"latent_space": family.vae, "conditioning": family.conditioning(c.model_type),
             "text_dim": model.text_dim, "image_dim": model.image_dim}
-    root = _path(c.pretrained_model_name_or_path)
+    root = fs.absolute(c.pretrained_model_name_or_path)
     if root:
       for key in ("vae", "text_encoder") + (("image_encoder",) if family.image_tokens else ()):
         found = roots.find(root, key)
@@ -298,11 +291,11 @@ def stream(c, family, model, global_batch: int) -> DataSettings:
                         shuffle=shuffle, pack=pack)
   encoding = _encoders(c, family, model)
   datasets = _datasets(c, c.train_data_dir, "train_data_dir")
-  found, skipped = clips_lib.index(datasets, encoding.fps, encoding.step, vae_temporal(family))
+  found, skipped = clips_lib.index(datasets, encoding.fps, encoding.step)
   if not found:
     _fail(f"no usable clips in train_data_dir: {len(skipped)} skipped, e.g. "
           f"{skipped[0][0]}: {skipped[0][1]}" if skipped else "no clips in train_data_dir")
-  save = _path(c.dataset_save_location)
+  save = fs.absolute(c.dataset_save_location)
   if save:
     # Encoded once into a cache there (wan/data/__init__.py), then read like job=prepare's.
     records.check_writable(save, encoding.identity())
@@ -312,7 +305,7 @@ def stream(c, family, model, global_batch: int) -> DataSettings:
         _fail(f"dataset_save_location={save} holds a cache of other clips than these "
               f"({len(held)} vs {len(found)}); choose another location, or delete it to "
               "encode again")
-  groups = clips_lib.bucket_counts(found, encoding, vae.PRESETS[family.vae])
+  groups = clips_lib.bucket_counts(found, vae.PRESETS[family.vae])
   return DataSettings(kind=c.dataset_type, encoding=encoding, clips=tuple(found),
                       cache=save,
                       buckets=tuple(groups), bucket_samples=tuple(groups.values()),
@@ -324,10 +317,6 @@ def stream(c, family, model, global_batch: int) -> DataSettings:
 def saved_keys(clips) -> list[str]:
   """The record keys of on-the-fly clips in a dataset_save_location cache."""
   return [f"{i}/{clip.key}" for i, clip in enumerate(clips)]
-
-
-def vae_temporal(family) -> int:
-  return vae.PRESETS[family.vae].scale_factor_temporal
 
 
 def steps_per_epoch(counts, global_batch: int) -> int:

@@ -85,3 +85,14 @@ def abstract(plan, mesh) -> dict:
   """ShapeDtypeStructs (with shardings) of a batch, for compiling without data."""
   sh = shardings(plan, mesh)
   return {k: jax.ShapeDtypeStruct(s, DTYPES[k], sharding=sh[k]) for k, s in shapes(plan).items()}
+
+
+def local_rows(plan, mesh) -> range:
+  """The rows of a global batch that this process's devices hold (the same for every key)."""
+  b = plan.global_batch
+  key = "tokens" if plan.data.pack else "latents"
+  shard = shardings(plan, mesh)[key]
+  rows = shard.addressable_devices_indices_map(shapes(plan)[key])
+  starts = [idx[0].start or 0 for idx in rows.values()]
+  stops = [b if idx[0].stop is None else idx[0].stop for idx in rows.values()]
+  return range(min(starts), max(stops))

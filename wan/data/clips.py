@@ -67,10 +67,9 @@ def clips_of(item, settings, fps: float, step: int, bucket_sizes) -> list[Clip]:
           for p in picks]
 
 
-def index(datasets, fps: float, step: int, temporal: int = 4):
+def index(datasets, fps: float, step: int):
   """(clips, skipped) of data sets (wan.data.sources.DataSet): skipped is a list of
   (path, reason), including the data sets' own problems (files without a caption)."""
-  del temporal  # frame counts are 4k+1 by frames.extract
   found, skipped = [], []
   for ds in datasets:
     skipped.extend(tuple(p) for p in ds.problems)
@@ -86,9 +85,8 @@ def index(datasets, fps: float, step: int, temporal: int = 4):
   return found, skipped
 
 
-def bucket_counts(clips, encoding, vae_cfg) -> dict:
+def bucket_counts(clips, vae_cfg) -> dict:
   """{latent shape (F', H', W', C): samples per epoch (with repeats)}, sorted."""
-  del encoding
   counts = {}
   for clip in clips:
     shape = clip.latent_shape(vae_cfg)

@@ -23,6 +23,7 @@ import threading
 import jax
 import numpy as np
 
+from wan import plan_data
 from wan.data import batch as batch_lib
 from wan.data import clips as clips_lib
 from wan.data import packing, records
@@ -59,17 +60,6 @@ def packed_batches(groups: dict, plan, epoch: int) -> list:
   rows = [[slots[j] for j in row] for row in rows]
   b = plan.global_batch
   return [[rows[(start + i) % len(rows)] for i in range(b)] for start in range(0, len(rows), b)]
-
-
-def local_rows(plan, mesh) -> range:
-  """The rows of a global batch that this process's devices hold."""
-  b = plan.global_batch
-  key = "tokens" if plan.data.pack else "latents"
-  shard = batch_lib.shardings(plan, mesh)[key]
-  rows = shard.addressable_devices_indices_map(batch_lib.shapes(plan)[key])
-  starts = [idx[0].start or 0 for idx in rows.values()]
-  stops = [b if idx[0].stop is None else idx[0].stop for idx in rows.values()]
-  return range(min(starts), max(stops))
 
 
 def assemble(samples: list[dict], plan) -> dict:
@@ -133,9 +123,9 @@ class Stream:
       raise ValueError("packed epochs are ordered by their packing; give no batch order")
     self._plan, self._groups, self._fetch, self._order = plan, groups, fetch, order
     self._shardings = batch_lib.shardings(plan, mesh)
-    self._rows = local_rows(plan, mesh)
-    self._per_epoch = None if plan.data.pack else sum(
-        -(-len(v) // plan.global_batch) for v in groups.values())
+    self._rows = batch_lib.local_rows(plan, mesh)
+    self._per_epoch = None if plan.data.pack else plan_data.steps_per_epoch(
+        map(len, groups.values()), plan.global_batch)
     self._epoch_lengths = {}  # packed: batches of each epoch planned so far
     self._next = 0
     self._epoch_cache = (None, None)
@@ -263,7 +253,7 @@ def from_cache(plan, mesh) -> Stream:
     # ordered by their packing (epochs of different lengths).
     from grain import python as grain  # pylint: disable=import-outside-toplevel
     sampler = grain.IndexSampler(
-        num_records=sum(-(-len(v) // plan.global_batch) for v in groups.values()),
+        num_records=plan_data.steps_per_epoch(map(len, groups.values()), plan.global_batch),
         shard_options=grain.NoSharding(), shuffle=plan.data.shuffle, num_epochs=None,
         seed=plan.seed)
     order = lambda index: sampler[index].record_key

@@ -48,11 +48,11 @@ def share(datasets, process: int, count: int):
   return out
 
 
-def keyed_clips(datasets, encoding, vae_temporal: int = 4):
+def keyed_clips(datasets, encoding):
   """([(key, clip)], skipped) of data sets; keys are unique across data sets."""
   keyed, skipped = [], []
   for d, ds in enumerate(datasets):
-    found, bad = clips_lib.index([ds], encoding.fps, encoding.step, vae_temporal)
+    found, bad = clips_lib.index([ds], encoding.fps, encoding.step)
     keyed.extend((f"{d}/{c.key}", c) for c in found)
     skipped.extend(bad)
   return keyed, skipped

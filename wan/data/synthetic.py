@@ -19,14 +19,9 @@ class SyntheticData:
     self._plan, self._mesh, self._seed = plan, mesh, seed
     self._num_samples = num_samples
     self._next = 0
-    b = plan.global_batch
     self._shapes = batch_lib.shapes(plan)
     self._shardings = batch_lib.shardings(plan, mesh)
-    # The rows of the global batch this process's devices hold (the same for every key).
-    rows = self._shardings["latents"].addressable_devices_indices_map(self._shapes["latents"])
-    starts = [idx[0].start or 0 for idx in rows.values()]
-    stops = [b if idx[0].stop is None else idx[0].stop for idx in rows.values()]
-    self._rows = range(min(starts), max(stops))
+    self._rows = batch_lib.local_rows(plan, mesh)
 
   def state(self) -> dict:
     return {"next_sample": self._next}
