@@ -26,19 +26,6 @@ def make(plan, mesh):
     return loader.from_cache(plan, mesh)
   from wan.data import encode  # pylint: disable=import-outside-toplevel
   encoders = encode.load(data.encoding)
-  if not data.cache:
-    return loader.on_the_fly(plan, mesh, encoders)
-  # dataset_save_location: encoded once into a cache there (kept for later runs), then read.
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from wan import fs  # pylint: disable=import-outside-toplevel
-  from wan.data import prepare, records  # pylint: disable=import-outside-toplevel
-  if not fs.exists(fs.join(data.cache, records.MANIFEST)):
-    p, n = jax.process_index(), jax.process_count()
-    from wan import plan_data  # pylint: disable=import-outside-toplevel
-    keyed = [kc for i, kc in enumerate(zip(plan_data.saved_keys(data.clips), data.clips))
-             if i % n == p]
-    prepare.write(encoders, keyed, data.manifest["skipped"] if p == 0 else [], data.cache,
-                  "tfrecord", 0, {"sources": [], "settings": data.prepared_with})
-  cached = dataclasses.replace(data, kind="tfrecord", manifest=records.read_manifest(data.cache))
-  return loader.from_cache(dataclasses.replace(plan, data=cached), mesh)
+  if data.cache:  # dataset_save_location
+    return loader.saved(plan, mesh, encoders)
+  return loader.on_the_fly(plan, mesh, encoders)

@@ -17,13 +17,14 @@ differ by a row or so; the position is still one integer (batches consumed) and 
 finds its epoch by packing the epochs before it again (token counts only).
 """
 
+import dataclasses
 import queue
 import threading
 
 import jax
 import numpy as np
 
-from wan import plan_data
+from wan import fs, plan_data
 from wan.data import batch as batch_lib
 from wan.data import clips as clips_lib
 from wan.data import packing, records
@@ -280,3 +281,17 @@ def on_the_fly(plan, mesh, encoders) -> Stream:
     return out
 
   return Stream(plan, mesh, _groups((c.latent_shape(vae_cfg), c.repeats) for c in clips), fetch)
+
+
+def saved(plan, mesh, encoders) -> Stream:
+  """dataset_type=tf / hf with dataset_save_location: the clips are encoded once into a cache
+  there (kept for later runs; each process its share), then read like job=prepare's."""
+  from wan.data import prepare  # pylint: disable=import-outside-toplevel
+  data = plan.data
+  if not fs.exists(fs.join(data.cache, records.MANIFEST)):
+    p, n = jax.process_index(), jax.process_count()
+    keyed = list(zip(plan_data.saved_keys(data.clips), data.clips))[p::n]
+    prepare.write(encoders, keyed, data.manifest["skipped"] if p == 0 else [], data.cache,
+                  "tfrecord", 0, {"sources": [], "settings": data.prepared_with})
+  cached = dataclasses.replace(data, kind="tfrecord", manifest=records.read_manifest(data.cache))
+  return from_cache(dataclasses.replace(plan, data=cached), mesh)
