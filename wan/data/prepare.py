@@ -110,7 +110,7 @@ def write(enc, keyed, skipped, out: str, record_format: str, records_per_shard: 
               bucket, process, numbers[bucket], record_format)), record_format)
         writer.write(records.to_bytes(key, clip.item.caption, sample), key, bucket,
                      clip.repeats, len(sample["text"]))
-        if records_per_shard and len(writer._records) >= records_per_shard:  # pylint: disable=protected-access
+        if records_per_shard and len(writer) >= records_per_shard:
           done.append(_finish(writer, bucket, progress_path))
           numbers[bucket] += 1
           writer = None

@@ -92,6 +92,10 @@ class ShardWriter:
       entry["index"] = len(self._records)
     self._records.append(entry)
 
+  def __len__(self) -> int:
+    """Records written so far."""
+    return len(self._records)
+
   def close(self) -> dict:
     self._writer.close()
     fs.replace(self._tmp, self.path)
