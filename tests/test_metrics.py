@@ -1,10 +1,12 @@
-"""Metrics writer: console line with progress and ETA, metrics.jsonl, TensorBoard events; the
-device peak table; local file layer."""
+"""Metrics writer: console line with progress and ETA, metrics.jsonl, TensorBoard events (scalars,
+videos as GIFs); the device peak table; local file layer."""
 
 import json
 import os
 import types
 
+import imageio.v3 as iio
+import numpy as np
 from tensorboard.backend.event_processing import event_accumulator
 
 from wan import fs, metrics
@@ -72,3 +74,21 @@ def test_fs_local(tmp_path):
     f.write("x")
   assert fs.exists(os.path.join(tmp_path, "a", "b", "f.txt"))
   assert fs.join("gs://bucket/", "run") == "gs://bucket/run" and fs.is_remote("gs://b")
+
+
+def test_videos_are_animated_gifs_in_tensorboard(tmp_path):
+  video = np.linspace(0, 1, 5 * 12 * 20 * 3, dtype=np.float32).reshape(5, 12, 20, 3)
+  w = metrics.Writer(str(tmp_path), total_steps=4)
+  w.write_videos(3, {"samples/cat": video, "samples/dog": video[:2]}, fps=16)
+  w.close()
+  acc = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+  acc.Reload()
+  assert sorted(acc.Tags()["images"]) == ["samples/cat", "samples/dog"]
+  (cat,) = acc.Images("samples/cat")
+  assert (cat.step, cat.height, cat.width) == (3, 12, 20)
+  assert cat.encoded_image_string[:6] == b"GIF89a"
+  assert iio.imread(cat.encoded_image_string, index=None).shape[0] == 5
+  assert iio.imread(acc.Images("samples/dog")[0].encoded_image_string, index=None).shape[0] == 2
+  off = metrics.Writer(str(tmp_path / "off"), total_steps=4, write_files=False)
+  off.write_videos(3, {"samples/cat": video}, fps=16)
+  assert not os.path.exists(tmp_path / "off")

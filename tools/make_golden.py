@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-COMPONENTS = ("transformer", "vae", "text", "image")
+COMPONENTS = ("transformer", "vae", "text", "image", "samplers", "pipeline")
 OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
                        "golden")
 

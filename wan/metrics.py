@@ -1,4 +1,5 @@
-"""Per-step metrics: console line with a progress bar and ETA, metrics.jsonl and TensorBoard.
+"""Per-step metrics: console line with a progress bar and ETA, metrics.jsonl and TensorBoard
+(scalars, and videos as animated GIFs).
 
 Only process 0 writes. TFLOPS per device = 3 x forward FLOPs (forward + backward, as MaxDiffusion
 counts; remat recomputation not included) / step time / devices; MFU divides that by the device's
@@ -10,8 +11,9 @@ import math
 import time
 
 import jax
+import numpy as np
 
-from wan import fs
+from wan import fs, media
 
 # Dense bfloat16 peak TFLOP/s per device (one chip for TPUs; jax.Device.device_kind prefixes).
 # Sources: Google Cloud TPU system-architecture pages (v4 275, v5e 197, v5p 459, v6e 918,
@@ -124,6 +126,23 @@ class Writer:
     summary = summary_pb2.Summary(value=[
         summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in metrics.items()])
     self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def write_videos(self, step: int, videos: dict[str, np.ndarray], fps: float):
+    """`videos`: name -> (F, H, W, 3) float in [0, 1] (or uint8), each a TensorBoard image under
+    tag `name`: an animated GIF, which the image plugin plays. Flushed at once (videos are rare)."""
+    if not self._files:
+      return
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    values = []
+    for name, video in videos.items():
+      gif = media.gif_bytes(video, fps)  # checks the shape
+      height, width = np.shape(video)[1:3]
+      image = summary_pb2.Summary.Image(height=height, width=width, colorspace=3,
+                                        encoded_image_string=gif)
+      values.append(summary_pb2.Summary.Value(tag=name, image=image))
+    self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                       summary=summary_pb2.Summary(value=values)))
+    self._tb.flush()
 
   def flush(self):
     if self._files:
