@@ -1,9 +1,9 @@
 """Entry point: python launch.py --config=configs/wan22_t2v.py[:variant] [--config.field=value ...]
 
 Reads an ml_collections config, sets up the process (platform, multi-host cluster, compilation
-cache), plans the run and runs its job: train, or prepare (a data set into a cache of encoded
-samples, wan/data/prepare.py). A config or input error is one message on stderr and exit
-status 2; `--verbose` shows its traceback.
+cache), plans the run and runs its job: train, prepare (a data set into a cache of encoded
+samples, wan/data/prepare.py) or generate (videos from prompts, wan/generate.py). A config or
+input error is one message on stderr and exit status 2; `--verbose` shows its traceback.
 """
 
 import difflib
@@ -120,6 +120,14 @@ def run(c):
     if jax.process_index() == 0:
       print(prep.summary(), flush=True)
     prepare.run(prep)
+    return
+  if c.job == "generate":
+    from wan import generate
+    gen = plan_lib.generation(c, plan_lib.Devices.of(jax.devices()))
+    use_compilation_cache(gen.jax_cache_dir)
+    if jax.process_index() == 0:
+      print(gen.summary(), flush=True)
+    generate.run(gen)
     return
   from wan import train
   plan = plan_lib.make(c, plan_lib.Devices.of(jax.devices()))

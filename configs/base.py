@@ -13,7 +13,9 @@ def get_config():
   c = ml_collections.ConfigDict()
 
   # Run.
-  c.job = "train"  # train | prepare (encode a data set into a cache, docs/data.md)
+  # train | prepare (encode a data set into a cache, docs/data.md) | generate (videos from
+  # prompts, docs/generation.md)
+  c.job = "train"
   c.run_name = "wan"
   # Local path (relative to the working directory, ~ allowed) or bucket (gs://...); outputs go
   # under {output_dir}/{run_name}/.
@@ -139,9 +141,10 @@ def get_config():
   c.checkpoints_to_keep = 3
   c.enable_single_replica_ckpt_restoring = False
 
-  # Evaluation (not implemented yet: must stay at these values).
+  # Evaluation during training (docs/generation.md), every eval_every steps: the flow loss at
+  # fixed timesteps over eval clips, sample videos, SSIM of videos made from eval captions.
   c.eval_every = -1
-  c.eval_data_dir = ""
+  c.eval_data_dir = ""  # the eval cache (job=prepare: the eval clips, cached to tfrecords_dir/eval)
   c.enable_generate_video_for_eval = False
   c.timestep_eval = False
   c.timesteps_list = (125, 250, 375, 500, 625, 750, 875)
@@ -161,12 +164,16 @@ def get_config():
   c.profiler_steps = 10
   c.enable_jax_named_scopes = False
 
-  # Generation (sampling during training is not implemented yet).
+  # Generation (job=generate and the eval videos); the sampling shift is flow_shift.
   c.prompt = ""
+  c.prompts_file = ""  # instead of prompt: one prompt per line
   c.negative_prompt = ""
-  c.guidance_scale = 5.0
+  c.image = ""  # I2V: the conditioning image (TI2V: optional)
+  c.guidance_scale = 5.0  # classifier-free guidance; <= 1: none
+  c.guidance_scale_2 = 0.0  # Wan 2.2 A14B low-noise expert (0: guidance_scale)
   c.num_inference_steps = 50
-  c.fps = 16
+  c.sampler = "unipc"  # unipc | euler | dpm++
+  c.fps = 0.0  # frame rate of the videos written (0: the model's, 16 or 24 for TI2V 5B)
 
   # LoRA (not implemented yet).
   c.enable_lora = False

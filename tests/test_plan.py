@@ -100,11 +100,14 @@ IGNORED_BEFORE = dict(
     train_data_dir="/nonexistent", train_split="validation", load_tfrecord_cached=False,
     dataset_save_location="/tmp/cache", image_column="video", caption_column="prompt",
     timesteps_list=(100, 200), num_eval_samples=10, eval_max_number_of_samples_in_bucket=5,
-    negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=30, fps=24,
+    negative_prompt="blurry", guidance_scale=7.0, num_inference_steps=30, fps=24.0,
+    eval_every=10, guidance_scale_2=3.0, sampler="euler", prompts_file="/tmp/prompts.txt",
+    image="/tmp/cat.png", eval_data_dir="/tmp/eval",
     weight_quantization_calibration_method="fixed", act_quantization_calibration_method="fixed",
     bwd_quantization_calibration_method="fixed", qwix_module_path="blocks.*", prompt="a cat")
 SWITCHES = {"resolution": "dataset_type", "timesteps_list": "timestep_eval",
-            "negative_prompt": "enable_generate_video_for_eval",
+            "negative_prompt": "enable_generate_video_for_eval", "prompt": "job=generate",
+            "eval_every": "timestep_eval", "eval_data_dir": "enable_ssim",
             "qwix_module_path": "use_qwix_quantization"}
 
 
@@ -136,7 +139,7 @@ def test_gcs_metrics_must_agree_with_output_dir(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, error", [
-    ("eval_every", 10, NotImplementedYet), ("enable_lora", True, NotImplementedYet),
+    ("enable_lora", True, NotImplementedYet),
     ("use_qwix_quantization", True, NotImplementedYet),
     ("replicate_vae", True, NotImplementedYet), ("from_pt", False, NotImplementedYet)])
 def test_features_not_built_yet_refuse_other_values(field, value, error):

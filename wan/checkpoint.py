@@ -62,3 +62,30 @@ class Checkpointer:
   def close(self):
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def latest_params(directory: str, params_like):
+  """(step, params) of the newest checkpoint in `directory`, placed like `params_like` (arrays
+  or ShapeDtypeStructs with shardings); None when the directory holds none. Only the parameters
+  are read (not the optimizer state), for sampling from a training run."""
+  if not fs.exists(directory):
+    return None
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  step = manager.latest_step()
+  if step is None:
+    manager.close()
+    return None
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params_like)
+  target = {"params": abstract}
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+    raise CheckpointError(
+        f"checkpoint at step {step} in {directory} cannot be read: it is damaged or was written "
+        f"for another model (another config?). Cause: {e}") from e
+  finally:
+    manager.close()
+  return step, restored["state"]["params"]

@@ -114,12 +114,26 @@ class Writer:
       parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
     parts.append(f"ETA {self._eta(step)}")
     print(" | ".join(parts), flush=True)
+    self._row(step, metrics)
+    if self._files and step % self._flush_every == 0:
+      self.flush()
+
+  def write_eval(self, step: int, metrics: dict):
+    """Evaluation results (names starting with eval/): a console line, a metrics.jsonl row of
+    their own at `step` and TensorBoard scalars; flushed at once."""
+    if not self._on:
+      return
+    metrics = {k: float(v) for k, v in metrics.items()}
+    print(f"eval at step {step}: " + " | ".join(
+        f"{k[len('eval/'):]} {v:.5f}" for k, v in metrics.items()), flush=True)
+    self._row(step, metrics)
+    self.flush()
+
+  def _row(self, step: int, metrics: dict):
     if self._files:
       row = {"step": step, **{k: _finite_or_none(v) for k, v in metrics.items()}}
       self._jsonl.write(json.dumps(row, allow_nan=False) + "\n")
       self._add_scalars(step, metrics)
-      if step % self._flush_every == 0:
-        self.flush()
 
   def _add_scalars(self, step, metrics):
     from tensorboard.compat.proto import event_pb2, summary_pb2

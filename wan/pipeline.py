@@ -117,19 +117,26 @@ def load(path, dtype=jnp.float32, *, mesh=None, options=None) -> Pipe:
   name = jnp.dtype(dtype).name
   text_cfg, text_params, tokenize = text_encoder.load(path, weights_dtype=name,
                                                       activations_dtype=name)
-  image_cfg = image_params = None
+  encoders = dict(vae_cfg=vae_cfg, vae_params=vae_params, text_cfg=text_cfg,
+                  text_params=text_params, tokenize=tokenize, image_cfg=None, image_params=None)
   if family.image_tokens:
-    image_cfg, image_params = image_encoder.load(path)
+    encoders["image_cfg"], encoders["image_params"] = image_encoder.load(path)
   config = fs.join(path, "scheduler", "scheduler_config.json")
-  scheduler = roots.read_json(config) if fs.exists(config) else {}
   boundary = None
   if family.experts:
     boundary = float((index or {}).get("boundary_ratio") or family.boundary)
+  return assemble(family, model, experts, boundary, encoders, options, mesh,
+                  roots.read_json(config) if fs.exists(config) else {})
+
+
+def assemble(family, model, experts: dict, boundary, encoders: dict, options, mesh,
+             scheduler: dict | None = None) -> Pipe:
+  """A Pipe from its parts, placed on `mesh`: experts {"high_noise": params[, "low_noise":
+  params]}; encoders: wan.data.encode.parts' dict (vae_cfg, vae_params, text_cfg, text_params,
+  tokenize, image_cfg, image_params); scheduler: a root's scheduler_config.json, if any."""
+  encoders = dict(encoders, vae_cfg=dataclasses.replace(encoders["vae_cfg"], use_tiling=True))
   return place(Pipe(family=family, model=model, experts=experts, boundary=boundary,
-                    options=options, vae_cfg=dataclasses.replace(vae_cfg, use_tiling=True),
-                    vae_params=vae_params, text_cfg=text_cfg, text_params=text_params,
-                    tokenize=tokenize, image_cfg=image_cfg, image_params=image_params,
-                    scheduler=scheduler, mesh=mesh))
+                    options=options, scheduler=scheduler or {}, mesh=mesh, **encoders))
 
 
 def place(pipe: Pipe) -> Pipe:

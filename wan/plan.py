@@ -13,7 +13,8 @@ import dataclasses
 import math
 import os
 
-from wan import families, flow, fs, optim, params, plan_data, remat, sharding, transformer, vae
+from wan import (families, flow, fs, optim, params, plan_data, plan_sample, remat, sharding,
+                 transformer, vae)
 from wan.data import sources
 from wan.weights import roots as weight_roots
 from wan.weights import transformer as transformer_weights
@@ -33,18 +34,15 @@ ENUMS = {
     "lr_schedule": optim.SCHEDULES,
     "hardware": ("tpu", "gpu", "cpu"),
     "dataset_type": ("synthetic", "tfrecord", "hf", "tf", "grain"),
-    "job": ("train", "prepare"),
+    "job": ("train", "prepare", "generate"),
     "frame_extraction": sources.FRAME_EXTRACTIONS,
 }
 
 # Fields of features that later work builds: any value but this one is refused.
 NOT_IMPLEMENTED = {
-    "eval_every": -1, "eval_data_dir": "", "enable_generate_video_for_eval": False,
-    "timestep_eval": False, "enable_ssim": False, "enable_lora": False,
-    "use_qwix_quantization": False,
+    "enable_lora": False, "use_qwix_quantization": False,
     "enable_single_replica_ckpt_restoring": False, "replicate_vae": False, "from_pt": True,
 }
-PREPARE_ALLOWS = ("eval_data_dir",)  # not implemented for training, but prepared already
 
 _REAL_DATA = ("dataset_type=tfrecord, grain, tf or hf (synthetic data has no shuffling or "
               "packing)", lambda c: c.job == "train" and c.dataset_type != "synthetic")
@@ -57,11 +55,22 @@ _SYNTHETIC = ("dataset_type=synthetic (real data has the sizes of its clips)",
               lambda c: c.job == "train" and c.dataset_type == "synthetic")
 _SAVE = ("dataset_type=tf or hf (a cache written while training)",
          lambda c: c.job == "train" and c.dataset_type in ("tf", "hf"))
-_TIMESTEP_EVAL = ("timestep_eval=True (not implemented yet)", lambda c: c.timestep_eval)
-_GENERATION = ("enable_generate_video_for_eval=True (not implemented yet)",
-               lambda c: c.enable_generate_video_for_eval)
+_TIMESTEP_EVAL = ("timestep_eval=True", lambda c: c.job == "train" and c.timestep_eval)
+_EVAL = ("timestep_eval, enable_generate_video_for_eval or enable_ssim",
+         lambda c: c.job == "train" and (c.timestep_eval or c.enable_generate_video_for_eval
+                                         or c.enable_ssim))
+_EVAL_DATA = ("job=prepare, timestep_eval or enable_ssim", lambda c: c.job == "prepare" or (
+    c.job == "train" and (c.timestep_eval or c.enable_ssim)))
+_PROMPTS = ("job=generate or enable_generate_video_for_eval",
+            lambda c: c.job == "generate" or (c.job == "train" and c.enable_generate_video_for_eval))
+_SAMPLES = ("job=generate, enable_generate_video_for_eval or enable_ssim",
+            lambda c: c.job == "generate" or (c.job == "train" and (
+                c.enable_generate_video_for_eval or c.enable_ssim)))
+_TRAINING = ("job=train", lambda c: c.job == "train")
 _QWIX = ("use_qwix_quantization=True (not implemented yet)", lambda c: c.use_qwix_quantization)
 _CHECKPOINTS = ("checkpoint_every > 0", lambda c: c.checkpoint_every > 0)
+_CHECKPOINT_DIR = ("checkpoint_every > 0 or job=generate (which reads the newest one)",
+                   lambda c: c.checkpoint_every > 0 or c.job == "generate")
 _PROFILER = ("enable_profiler=True", lambda c: c.enable_profiler)
 
 # Fields that matter only when another field turns them on: (value when off, (what turns them
@@ -81,19 +90,23 @@ GATED = {
     "synthetic_num_samples": (None, _SYNTHETIC),
     **{f"synthetic_override_{n}": (0, _SYNTHETIC)
        for n in ("height", "width", "num_frames", "max_sequence_length")},
+    "eval_every": (-1, _EVAL), "eval_data_dir": ("", _EVAL_DATA),
+    "timestep_eval": (False, _TRAINING), "enable_generate_video_for_eval": (False, _TRAINING),
+    "enable_ssim": (False, _TRAINING),
     "timesteps_list": ((125, 250, 375, 500, 625, 750, 875), _TIMESTEP_EVAL),
     "num_eval_samples": (420, _TIMESTEP_EVAL),
     "eval_max_number_of_samples_in_bucket": (60, _TIMESTEP_EVAL),
-    "prompt": ("", _GENERATION), "negative_prompt": ("", _GENERATION),
-    "guidance_scale": (5.0, _GENERATION), "num_inference_steps": (50, _GENERATION),
-    "fps": (16, _GENERATION),
+    "prompt": ("", _PROMPTS), "prompts_file": ("", _PROMPTS), "image": ("", _PROMPTS),
+    "negative_prompt": ("", _SAMPLES), "guidance_scale": (5.0, _SAMPLES),
+    "guidance_scale_2": (0.0, _SAMPLES), "num_inference_steps": (50, _SAMPLES),
+    "sampler": ("unipc", _SAMPLES), "fps": (0.0, _PROMPTS),
     "lora_config": (dict(rank=(64,), lora_model_name_or_path=(), weight_name=(), adapter_name=(),
                          scale=(1.0,), from_pt=()),
                     ("enable_lora=True (not implemented yet)", lambda c: c.enable_lora)),
     "quantization": ("", _QWIX), "weight_quantization_calibration_method": ("absmax", _QWIX),
     "act_quantization_calibration_method": ("absmax", _QWIX),
     "bwd_quantization_calibration_method": ("absmax", _QWIX), "qwix_module_path": (".*", _QWIX),
-    "checkpoint_dir": ("", _CHECKPOINTS), "checkpoints_to_keep": (3, _CHECKPOINTS),
+    "checkpoint_dir": ("", _CHECKPOINT_DIR), "checkpoints_to_keep": (3, _CHECKPOINTS),
     "save_optimizer": (True, _CHECKPOINTS),
     "skip_first_n_steps_for_profiler": (5, _PROFILER), "profiler_steps": (10, _PROFILER),
     "tensorboard_flush_period": (10, ("write_metrics=True", lambda c: c.write_metrics)),
@@ -174,6 +187,9 @@ class Plan:
   optimizer: optim.Settings
   data: DataSettings
   outputs: Outputs
+  evaluation: plan_sample.Evaluation | None  # in-training evaluation (None: off)
+  encoding: plan_data.Encoding | None  # the encoders the eval videos decode and encode with
+  boundary: float | None  # Wan 2.2 A14B: the experts' boundary (a sigma)
   param_count: int
   param_bytes: int
   param_bytes_per_device: float
@@ -193,7 +209,15 @@ class Plan:
             f"{'weights from ' + self.weights if self.weights else 'random init'}\n"
             f"mesh {self.mesh_shape}, global batch {self.global_batch}, latents "
             f"{f}x{h}x{w}x{c} = {self.seq_len} tokens/sample, {self.num_steps} steps"
-            + self._data_summary())
+            + self._data_summary() + self._eval_summary())
+
+  def _eval_summary(self) -> str:
+    e = self.evaluation
+    if e is None:
+      return ""
+    parts = ([f"loss at timesteps {','.join(map(str, e.timesteps))}"] if e.timesteps else []) \
+        + (["sample videos"] if e.videos else []) + (["SSIM"] if e.ssim else [])
+    return f"\neval every {e.every} steps: {', '.join(parts)}"
 
   def _data_summary(self) -> str:
     d = self.data
@@ -262,7 +286,7 @@ def check(c):
     if c[field] not in allowed:
       _fail(f"{field}={c[field]!r} is not one of {list(allowed)}")
   for field, default in NOT_IMPLEMENTED.items():
-    if c[field] != default and not (c.job == "prepare" and field in PREPARE_ALLOWS):
+    if c[field] != default:
       raise NotImplementedYet(f"{field}={c[field]!r} is not implemented yet; leave it at "
                               f"{default!r}")
   for field, (off, (switch, on)) in GATED.items():
@@ -556,14 +580,7 @@ def preparation(c) -> plan_data.Preparation:
   return plan_data.preparation(c, family, model)
 
 
-def make(c, devices) -> Plan:
-  """Validates `c` for `devices` (a Devices, or jax devices) and returns the run's Plan
-  (nothing is built or written)."""
-  if not isinstance(devices, Devices):
-    devices = Devices.of(devices)
-  check(c)
-  if c.job != "train":
-    _fail(f"job={c.job} has no training plan; the launcher runs it (plan.preparation)")
+def _check_hardware(c, devices: Devices):
   if c.hardware != devices.platform:
     _fail(f"hardware={c.hardware} but the devices are {devices.platform}; set "
           f"hardware={devices.platform}" + (" (or JAX_PLATFORMS=cpu)" if c.hardware == "cpu"
@@ -571,6 +588,18 @@ def make(c, devices) -> Plan:
   if c.attention == "cudnn_flash_te" and devices.platform != "gpu":
     _fail(f"attention=cudnn_flash_te runs cuDNN flash attention on NVIDIA GPUs; these devices "
           f"are {devices.platform}: use attention=flash (or ring, dot_product)")
+
+
+def make(c, devices) -> Plan:
+  """Validates `c` for `devices` (a Devices, or jax devices) and returns the run's Plan
+  (nothing is built or written)."""
+  if not isinstance(devices, Devices):
+    devices = Devices.of(devices)
+  check(c)
+  if c.job != "train":
+    _fail(f"job={c.job} has no training plan; the launcher runs it (plan.preparation, "
+          "plan.generation)")
+  _check_hardware(c, devices)
   family = _family(c)
   vae_cfg = vae.PRESETS[family.vae]
   weights_path = fs.absolute(c.transformer_pretrained_model_name_or_path
@@ -606,6 +635,10 @@ def make(c, devices) -> Plan:
     _fail("attention_sharding_uniform=False has no effect without context parallelism "
           "(ici_context or dcn_context > 1); leave it at True")
   num_steps = _num_steps(c, global_batch, data, model.patch_size)
+  evaluation = plan_sample.evaluation(c, family, model, vae_cfg)
+  encoding = None
+  if evaluation is not None and (evaluation.videos or evaluation.ssim):
+    encoding = data.encoding or plan_data.encoders(c, family, model)
   decls = transformer.declarations(model)
   per_device, whole = _place_parameters(decls, mesh_shape, DTYPES[c.weights_dtype])
   schedule_steps = (num_steps if c.learning_rate_schedule_steps < 0
@@ -631,5 +664,67 @@ def make(c, devices) -> Plan:
           weight_decay=c.adam_weight_decay, max_grad_norm=c.max_grad_norm),
       data=data,
       outputs=_outputs(c),
+      evaluation=evaluation, encoding=encoding, boundary=boundary,
       param_count=params.count(decls), param_bytes=params.nbytes(decls, DTYPES[c.weights_dtype]),
       param_bytes_per_device=per_device, replicated_bytes=whole)
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+  """A job=generate run: the model, the mesh it is sharded over, the sampling settings, where the
+  videos go and where a training run's checkpoint may be."""
+  family: families.Family
+  model: transformer.Config
+  options: transformer.Options
+  root: str  # pretrained_model_name_or_path ("" for the tiny configs' random weights)
+  weights: str  # the transformer checkpoint directory or root ("" = random init from seed)
+  expert: str  # the expert a training checkpoint holds (Wan 2.2 A14B)
+  boundary: float | None
+  ici: dict
+  dcn: dict
+  encoding: plan_data.Encoding
+  sampling: plan_sample.Sampling
+  checkpoint_dir: str  # its newest checkpoint's parameters replace the weights, if it holds one
+  samples_dir: str
+  jax_cache_dir: str
+
+  def summary(self) -> str:
+    s = self.sampling
+    return (f"generate with {self.family.name} ({self.weights or 'random init'}): "
+            f"{len(s.prompts)} prompt(s), {s.num_frames}x{s.height}x{s.width} at {s.fps:g} fps, "
+            f"{s.sampler} {s.num_inference_steps} steps, shift {s.flow_shift:g}, guidance "
+            f"{s.guidance_scale:g}" + (f" / {s.guidance_scale_2:g}" if s.guidance_scale_2 else "")
+            + f"\nvideos to {self.samples_dir}")
+
+
+def generation(c, devices) -> Generation:
+  """Validates a job=generate config for `devices` and returns what it runs (nothing is read
+  but config files and headers)."""
+  if not isinstance(devices, Devices):
+    devices = Devices.of(devices)
+  check(c)
+  if c.job != "generate":
+    _fail(f"job={c.job} is not job=generate")
+  _check_hardware(c, devices)
+  family = _family(c)
+  vae_cfg = vae.PRESETS[family.vae]
+  weights_path = fs.absolute(c.transformer_pretrained_model_name_or_path
+                            or c.pretrained_model_name_or_path)
+  model, boundary = _architecture(c, family, weights_path, vae_cfg.z_dim)
+  ici, dcn = _mesh(c, devices)
+  heads, tensor = model.num_attention_heads, ici["tensor"] * dcn["tensor"]
+  if heads % tensor:
+    _fail(f"tensor parallelism {tensor} does not divide {heads} heads; use "
+          f"{_listing(_divisors(heads))}")
+  sampling = plan_sample.sampling(c, family, model, vae_cfg, prompts_required=True)
+  if plan_sample.needs_image(family, c.model_type) and not sampling.image:
+    _fail(f"{family.name} generates image-to-video: set image to the conditioning image")
+  shape = _latent_shape(c, model, vae_cfg)
+  _check_tokens(shape, model, ici["context"] * dcn["context"], devices.count)
+  out = _outputs(c)
+  return Generation(family=family, model=model, options=_options(c),
+                    root=fs.absolute(c.pretrained_model_name_or_path), weights=weights_path,
+                    expert=c.expert, boundary=boundary, ici=ici, dcn=dcn,
+                    encoding=plan_data.encoders(c, family, model), sampling=sampling,
+                    checkpoint_dir=out.checkpoint_dir, samples_dir=fs.join(out.run_dir, "samples"),
+                    jax_cache_dir=out.jax_cache_dir)

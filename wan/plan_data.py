@@ -157,7 +157,8 @@ def _datasets(c, directory: str, field: str) -> tuple:
   return datasets
 
 
-def _encoders(c, family: families.Family, model) -> Encoding:
+def encoders(c, family: families.Family, model) -> Encoding:
+  """The VAE, text encoder (and CLIP) of the run: the root's, or the tiny configs' built-in ones."""
   root = fs.absolute(c.pretrained_model_name_or_path)
   latent = vae.PRESETS[family.vae]
   if root:
@@ -210,7 +211,7 @@ def preparation(c, family, model) -> Preparation:
   if c.no_records_per_shard < 0:
     _fail(f"no_records_per_shard={c.no_records_per_shard} must be >= 0 (0: one shard per "
           "bucket and process)")
-  encoding = _encoders(c, family, model)
+  encoding = encoders(c, family, model)
   out = fs.absolute(c.tfrecords_dir)
   splits = [("train", _datasets(c, c.train_data_dir, "train_data_dir"), out)]
   if c.eval_data_dir:
@@ -231,7 +232,17 @@ def prepared_settings(c) -> dict:
                             "max_sequence_length", "caption_extension")}
 
 
-def _check_cache(c, manifest: dict, path: str, encoding_like: dict, family):
+def check_cache(c, manifest: dict, path: str, family, model):
+  """A cache (train_data_dir or eval_data_dir) that this run can read: the same latent space,
+  conditioning and widths, made by the root's encoders, with the run's sizes."""
+  encoding_like = {"latent_space": family.vae, "conditioning": family.conditioning(c.model_type),
+                   "text_dim": model.text_dim, "image_dim": model.image_dim}
+  root = fs.absolute(c.pretrained_model_name_or_path)
+  if root:
+    for key in ("vae", "text_encoder") + (("image_encoder",) if family.image_tokens else ()):
+      found = roots.find(root, key)
+      if found is not None:
+        encoding_like[key] = roots.fingerprint(found)
   made = manifest["identity"]
   want_format = RECORD_FORMATS.get(c.dataset_type, "tfrecord")
   if manifest["record_format"] != want_format:
@@ -274,22 +285,14 @@ def stream(c, family, model, global_batch: int) -> DataSettings:
             "train_data_dir to it")
     path = fs.absolute(c.train_data_dir)
     manifest = records.read_manifest(path)
-    like = {"latent_space": family.vae, "conditioning": family.conditioning(c.model_type),
-            "text_dim": model.text_dim, "image_dim": model.image_dim}
-    root = fs.absolute(c.pretrained_model_name_or_path)
-    if root:
-      for key in ("vae", "text_encoder") + (("image_encoder",) if family.image_tokens else ()):
-        found = roots.find(root, key)
-        if found is not None:
-          like[key] = roots.fingerprint(found)
-    _check_cache(c, manifest, path, like, family)
+    check_cache(c, manifest, path, family, model)
     groups = records.bucket_counts(manifest)
     return DataSettings(kind=c.dataset_type, cache=path, manifest=manifest,
                         buckets=tuple(tuple(s) for s in groups),
                         bucket_samples=tuple(groups.values()),
                         steps_per_epoch=steps_per_epoch(groups.values(), global_batch),
                         shuffle=shuffle, pack=pack)
-  encoding = _encoders(c, family, model)
+  encoding = encoders(c, family, model)
   datasets = _datasets(c, c.train_data_dir, "train_data_dir")
   found, skipped = clips_lib.index(datasets, encoding.fps, encoding.step)
   if not found:

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wan import checkpoint, conditioning, data, flow, fs, metrics, optim, sharding, transformer
+from wan import (checkpoint, conditioning, data, evaluate, flow, fs, metrics, optim, sharding,
+                 transformer)
 from wan.data import batch as batch_lib
 from wan.data import packing
 from wan.errors import CheckpointError, ConfigError
@@ -109,6 +110,13 @@ def flow_loss(p, batch: dict, sigma, noise, plan: Plan, *, drop=None, dropout_ke
 
   drop: (B,) bool, samples whose caption becomes all padding (classifier-free guidance).
   """
+  return sample_losses(p, batch, sigma, noise, plan, drop=drop, dropout_key=dropout_key).mean()
+
+
+def sample_losses(p, batch: dict, sigma, noise, plan: Plan, *, drop=None, dropout_key=None,
+                  weighted: bool = True):
+  """`flow_loss` per sample: (B,) squared velocity errors, bell-weighted when the plan says so
+  and `weighted` (evaluation compares unweighted losses)."""
   x0 = batch["latents"].astype(jnp.float32)
   x_t = flow.noisy(x0, noise, sigma)
   x_in, t, loss_frames = conditioning.model_inputs(
@@ -129,9 +137,9 @@ def flow_loss(p, batch: dict, sigma, noise, plan: Plan, *, drop=None, dropout_ke
       per_sample = err.mean(axis=(1, 2, 3, 4))
     else:
       per_sample = (err.mean(axis=(2, 3, 4)) * loss_frames).sum(1) / loss_frames.sum()
-    if plan.flow.bell_weighting:
+    if plan.flow.bell_weighting and weighted:
       per_sample = per_sample * flow.bell_weight(sigma, plan.flow.shift)
-  return per_sample.mean()
+  return per_sample
 
 
 def packed_flow_loss(p, batch: dict, sigma, noise, plan: Plan, *, drop=None, dropout_key=None):
@@ -268,6 +276,9 @@ class _Reporter:
     self._last = time.perf_counter()
     self.losses = []
 
+  def restart_clock(self):
+    self._last = time.perf_counter()
+
   def __call__(self, step: int, stats, latent_shape):
     """latent_shape: the unpacked batch's (F, H, W, C); None for a packed batch, whose clips
     come in stats["segment_grid"]."""
@@ -329,6 +340,8 @@ def train(plan: Plan, devices=None) -> list[float]:
                           first_step=first)
   report = _Reporter(run, writer)
   profiler = _Profiler(out.profile_steps, out.run_dir, first)
+  evaluator = (evaluate.Evaluator(plan, run.mesh, writer, sample_losses)
+               if plan.evaluation else None)
   b = plan.global_batch
   pending = None
   with jax.set_mesh(run.mesh):
@@ -340,11 +353,16 @@ def train(plan: Plan, devices=None) -> list[float]:
         report(*pending)
       pending = (step, stats, batch["latents"].shape[1:] if "latents" in batch else None)
       done = step + 1
+      evaluating = evaluator is not None and evaluator.due(done)
       due = ckpt and (done * b // out.checkpoint_every > step * b // out.checkpoint_every
                       or done == plan.num_steps)
-      if due:  # the metrics up to the checkpoint are on disk before it is
+      if evaluating or due:  # the step's metrics row comes before its evaluation and checkpoint
         report(*pending)
         pending = None
+      if evaluating:
+        evaluator(done, state["params"])
+        report.restart_clock()  # the next step's time leaves the evaluation out
+      if due:  # the metrics up to the checkpoint are on disk before it is
         writer.flush()
         ckpt.save(done, state, it.state())
     if pending is not None:

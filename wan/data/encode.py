@@ -66,25 +66,33 @@ def _builtin(encoding):
   return out
 
 
+def parts(encoding, dtype: str = "float32", text_dtype: str | None = None) -> dict:
+  """The encoders of `encoding` (wan.plan_data.Encoding), not yet placed: vae_cfg, vae_params,
+  text_cfg, text_params, tokenize, image_cfg, image_params (None without CLIP). dtype: the VAE's
+  (and the text encoder's unless text_dtype is given)."""
+  if encoding.vae == BUILTIN:
+    return _builtin(encoding)
+  text_dtype = text_dtype or dtype
+  vae_cfg, vae_params = vae.load(encoding.vae, dtype)
+  text_cfg, text_params, tokenize = text_encoder.load(
+      encoding.text_encoder, encoding.tokenizer, weights_dtype=text_dtype,
+      activations_dtype=text_dtype)
+  out = dict(vae_cfg=vae_cfg, vae_params=vae_params, text_cfg=text_cfg,
+             text_params=text_params, tokenize=tokenize, image_cfg=None, image_params=None)
+  if encoding.image_encoder:
+    out["image_cfg"], out["image_params"] = image_encoder.load(encoding.image_encoder)
+  return out
+
+
 def load(encoding, dtype: str = "float32") -> Encoders:
   """The encoders of `encoding` (wan.plan_data.Encoding), placed on this process's devices."""
   mesh = local_mesh()
-  if encoding.vae == BUILTIN:
-    parts = _builtin(encoding)
-  else:
-    vae_cfg, vae_params = vae.load(encoding.vae, dtype)
-    text_cfg, text_params, tokenize = text_encoder.load(
-        encoding.text_encoder, encoding.tokenizer, weights_dtype=dtype, activations_dtype=dtype)
-    parts = dict(vae_cfg=vae_cfg, vae_params=vae_params, text_cfg=text_cfg,
-                 text_params=text_params, tokenize=tokenize, image_cfg=None, image_params=None)
-    if encoding.image_encoder:
-      image_cfg, image_params = image_encoder.load(encoding.image_encoder)
-      parts.update(image_cfg=image_cfg, image_params=image_params)
+  held = parts(encoding, dtype)
   replicated = jax.NamedSharding(mesh, jax.P())
   for name in ("vae_params", "text_params", "image_params"):
-    if parts[name] is not None:
-      parts[name] = jax.device_put(parts[name], replicated)
-  return Encoders(**parts, encoding=encoding, mesh=mesh)
+    if held[name] is not None:
+      held[name] = jax.device_put(held[name], replicated)
+  return Encoders(**held, encoding=encoding, mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("vae_cfg", "with_cond"))
