@@ -1,0 +1,110 @@
+"""job=generate end to end on the tiny configs: the command line, mp4s decoded back, prompts
+files, image-to-video, a training run's checkpoint, and the refusals."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import wan21_i2v, wan21_t2v, wan22_t2v
+from wan import generate, plan, train
+from wan.data import video
+from wan.errors import ConfigError, MissingFile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(module=wan21_t2v, **fields):
+  c = module.get_config("tiny")
+  c.update(dict(dict(job="generate", num_inference_steps=2), **fields))
+  return c
+
+
+def test_the_command_writes_playable_mp4s_and_contact_sheets(tmp_path):
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red ball rolls\n\n  waves at night  \n")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch.py"), "--config=configs/wan21_t2v.py:tiny",
+       "--config.job=generate", f"--config.prompts_file={prompts}",
+       "--config.num_inference_steps=3", "--config.negative_prompt=blurry",
+       "--config.num_frames=9", f"--config.output_dir={tmp_path}"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert r.returncode == 0, r.stderr[-2000:]
+  out = tmp_path / "wan21_t2v_tiny" / "samples" / "base"
+  assert sorted(os.listdir(out)) == ["000_a_red_ball_rolls.mp4", "000_a_red_ball_rolls.png",
+                                     "001_waves_at_night.mp4", "001_waves_at_night.png"]
+  for name in ("000_a_red_ball_rolls", "001_waves_at_night"):
+    info = video.probe(str(out / f"{name}.mp4"))
+    assert (info.num_frames, info.height, info.width, info.fps) == (9, 64, 64, 16.0)
+    assert video.read(str(out / f"{name}.mp4")).shape == (9, 64, 64, 3)
+    sheet = np.asarray(Image.open(out / f"{name}.png"))
+    assert sheet.shape == (3 * 64, 3 * 64, 3)  # 9 frames in a 3 x 3 grid
+  assert "sampling [" in r.stderr and "2 prompt(s)" in r.stdout
+
+
+def test_samples_from_the_runs_newest_checkpoint_as_its_eval_did(tmp_path):
+  """A run that samples while training, then the generate job on its checkpoint: the same
+  weights, prompt and seed give the same video."""
+  fields = dict(output_dir=str(tmp_path), prompt="a red ball", num_inference_steps=2)
+  c = wan21_t2v.get_config("tiny")
+  c.update(dict(fields, max_train_steps=2, checkpoint_every=4, eval_every=2,
+                enable_generate_video_for_eval=True, write_metrics=True))
+  train.train(plan.make(c, jax.devices()))
+  made = tmp_path / "wan21_t2v_tiny" / "samples" / "step_2" / "000_a_red_ball.mp4"
+  during = video.read(str(made))
+  os.remove(made)
+  paths = generate.run(plan.generation(_config(**fields), jax.devices()))
+  assert paths == [str(made)]
+  after = video.read(str(made))
+  assert np.abs(after.astype(int) - during.astype(int)).max() <= 1
+  # The random init (no checkpoint) samples something else.
+  other = generate.run(plan.generation(_config(**dict(fields, output_dir=str(tmp_path / "b"))),
+                                       jax.devices()))
+  assert "/samples/base/" in other[0]
+  assert np.abs(video.read(other[0]).astype(int) - during.astype(int)).mean() > 2
+
+
+def test_image_to_video(tmp_path):
+  image = tmp_path / "cat.png"
+  y, x = np.mgrid[0:40, 0:56]
+  Image.fromarray(np.stack([x * 4, y * 5, x + y], -1).astype(np.uint8)).save(image)
+  with pytest.raises(ConfigError, match="generates image-to-video: set image"):
+    plan.generation(_config(wan21_i2v, prompt="a cat", output_dir=str(tmp_path)), jax.devices())
+  gen = plan.generation(_config(wan21_i2v, prompt="a cat", image=str(image),
+                                output_dir=str(tmp_path)), jax.devices())
+  (path,) = generate.run(gen)
+  assert video.probe(path).num_frames == 5
+
+
+@pytest.mark.parametrize("fields, error, message", [
+    (dict(), ConfigError, "set prompt"),
+    (dict(prompt="a", prompts_file="p.txt"), ConfigError, "not both"),
+    (dict(prompt="a", prompts_file=""), None, None),
+    (dict(prompts_file="/nonexistent/p.txt"), MissingFile, "does not exist"),
+    (dict(prompt="a", sampler="ddim"), ConfigError, "sampler='ddim' is not one of"),
+    (dict(prompt="a", guidance_scale_2=3.0), ConfigError, "applies to the two-expert"),
+    (dict(prompt="a", image="/tmp/x.png"), ConfigError, "takes no image"),
+    (dict(prompt="a", num_frames=8), ConfigError, "num_frames=8 must be 4k"),
+    (dict(prompt="a", height=72), ConfigError, "height=72 must be a multiple of 16"),
+    (dict(prompt="a", num_inference_steps=0), ConfigError, "num_inference_steps=0 must be"),
+])
+def test_bad_settings_are_refused_before_any_work(fields, error, message):
+  c = _config(**fields)
+  if error is None:
+    assert plan.generation(c, jax.devices()).sampling.prompts == ("a",)
+    return
+  with pytest.raises(error, match=message):
+    plan.generation(c, jax.devices())
+
+
+def test_a14b_takes_the_second_guidance_and_the_model_frame_rate(tmp_path):
+  gen = plan.generation(_config(wan22_t2v, prompt="a", guidance_scale_2=2.5,
+                                output_dir=str(tmp_path)), jax.devices())
+  assert gen.sampling.guidance_scale_2 == 2.5 and gen.boundary == 0.875
+  assert gen.sampling.fps == 16.0 and gen.sampling.flow_shift == 12.0
