@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tests import pipeline_roots
-from wan import pipeline
+from wan import pipeline, sharding
 
 CASES = pipeline_roots.cases()
 
@@ -78,3 +78,18 @@ def test_bad_requests_are_refused_before_sampling(pipes):
 
 def test_clean_prompt_as_diffusers():
   assert pipeline.clean_prompt("  Waves  crash &amp;amp; the\nrocks \t") == "Waves crash & the rocks"
+
+
+def test_sharded_like_training_gives_the_same_video(tmp_path):
+  """fsdp 2 x context 2 x tensor 2 over the 8 devices: the transformer's weights, heads and
+  video tokens split as in training, the same video as diffusers'."""
+  case = CASES["t2v"]
+  golden = dict(np.load(os.path.join(pipeline_roots.PIPELINES, "t2v", "golden.npz")))
+  mesh = sharding.make_mesh(dict(data=1, fsdp=2, context=2, tensor=2),
+                            dict(data=1, fsdp=1, context=1, tensor=1))
+  pipe = pipeline.load(pipeline_roots.assemble("t2v", tmp_path), mesh=mesh)
+  qkv = pipe.experts["high_noise"]["blocks"]["self_attn"]["q"]["kernel"]
+  assert len(qkv.sharding.device_set) == 8 and not qkv.sharding.is_fully_replicated
+  video = _generate(pipe, case, golden)
+  rel = np.linalg.norm(video - golden["video"]) / np.linalg.norm(golden["video"])
+  assert rel <= 1e-4, rel

@@ -108,7 +108,7 @@ class Evaluator:
         sigma = np.array([e.timesteps[k] / 1000.0 for _, k in rows], np.float32)
         ids = np.array([i for i, _ in rows], np.int32)
         with jax.set_mesh(self._mesh):
-          losses = np.asarray(self._losses(params, _place(self._mesh, host), sigma, ids))
+          losses = sharding.to_host(self._losses(params, _place(self._mesh, host), sigma, ids))
         for (_, k), loss in zip(rows[:real], losses[:real]):
           sums[k] += loss
           counts[k] += 1
@@ -188,7 +188,7 @@ class Evaluator:
                                guidance_scale_2=s.guidance_scale_2, progress=False)
     made = pipeline.decode(pipe, latents)
     reference = pipeline.decode(pipe, jnp.asarray(host["latents"]))
-    return {"eval/ssim": float(np.mean(np.asarray(ssim.ssim(made, reference))))}
+    return {"eval/ssim": float(np.mean(sharding.to_host(ssim.ssim(made, reference))))}
 
   def __call__(self, step: int, params):
     metrics = {}

@@ -10,13 +10,12 @@ built-in tiny encoders. Prompt i is sampled from the noise of seed + i.
 <tag> is step_<N> for a training checkpoint's weights, base for the root's (or random) ones.
 """
 
-import dataclasses
 import re
 
 import jax
 import numpy as np
 
-from wan import checkpoint, fs, media, pipeline, sharding, transformer
+from wan import fs, media, pipeline, sharding, transformer
 from wan.data import encode
 from wan.errors import BadSample
 from wan.numerics import DTYPES
@@ -60,11 +59,8 @@ def build(gen: Generation, mesh) -> tuple[pipeline.Pipe, str]:
   encoders = encode.parts(gen.encoding, "float32", gen.options.weights_dtype)
   pipe = pipeline.assemble(gen.family, gen.model, experts, gen.boundary, encoders, gen.options,
                            mesh)
-  found = checkpoint.latest_params(gen.checkpoint_dir, pipe.experts[gen.expert])
-  if found is None:
-    return pipe, "base"
-  step, params = found
-  return dataclasses.replace(pipe, experts={**pipe.experts, gen.expert: params}), f"step_{step}"
+  pipe, step = pipeline.with_checkpoint(pipe, gen.checkpoint_dir, gen.expert)
+  return pipe, "base" if step is None else f"step_{step}"
 
 
 def run(gen: Generation) -> list[str]:

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wan import (conditioning, families, flow, fs, image_encoder, samplers, sharding,
-                 text_encoder, transformer, vae)
+from wan import (checkpoint, conditioning, families, flow, fs, image_encoder, samplers,
+                 sharding, text_encoder, transformer, vae)
 from wan.errors import ConfigError
 from wan.numerics import DTYPES
 from wan.weights import roots
@@ -92,14 +92,16 @@ def family_of(model: transformer.Config, vae_cfg: vae.Config, index: dict | None
   return family
 
 
-def load(path, dtype=jnp.float32, *, mesh=None, options=None) -> Pipe:
+def load(path, dtype=jnp.float32, *, mesh=None, options=None, checkpoint_dir=None,
+         expert: str = "high_noise") -> Pipe:
   """A diffusers-format Wan model root, placed on `mesh` (default: all devices, fsdp).
 
   path: a root with model_index.json, transformer/ (+ transformer_2/ and boundary_ratio for
   Wan 2.2 A14B), vae/, text_encoder/ + tokenizer/, image_encoder/ + image_processor/ for Wan 2.1
   I2V, scheduler/. dtype: the transformer's and text encoder's weights and activations; the VAE
   and CLIP run in float32 (as Wan's own pipelines do). options: transformer.Options (default:
-  dtype, XLA attention on CPU, the Pallas kernels elsewhere).
+  dtype, XLA attention on CPU, the Pallas kernels elsewhere). checkpoint_dir: a training run's
+  checkpoints (trained from this root): its newest parameters replace `expert`'s.
   """
   path = str(path)
   mesh = mesh or default_mesh()
@@ -125,8 +127,21 @@ def load(path, dtype=jnp.float32, *, mesh=None, options=None) -> Pipe:
   boundary = None
   if family.experts:
     boundary = float((index or {}).get("boundary_ratio") or family.boundary)
-  return assemble(family, model, experts, boundary, encoders, options, mesh,
+  pipe = assemble(family, model, experts, boundary, encoders, options, mesh,
                   roots.read_json(config) if fs.exists(config) else {})
+  return with_checkpoint(pipe, checkpoint_dir, expert)[0] if checkpoint_dir else pipe
+
+
+def with_checkpoint(pipe: Pipe, directory: str, expert: str = "high_noise"):
+  """(pipe, step): the newest checkpoint of a training run (its checkpoints/ directory) in place
+  of `expert`'s parameters; (pipe, None) when the directory holds none."""
+  if expert not in pipe.experts:
+    raise ConfigError(f"expert={expert!r}: this model has {sorted(pipe.experts)}")
+  found = checkpoint.latest_params(fs.absolute(directory), pipe.experts[expert])
+  if found is None:
+    return pipe, None
+  step, params = found
+  return dataclasses.replace(pipe, experts={**pipe.experts, expert: params}), step
 
 
 def assemble(family, model, experts: dict, boundary, encoders: dict, options, mesh,
@@ -306,7 +321,7 @@ def decode(pipe: Pipe, latents) -> np.ndarray:
   tiles frames larger than its tile size)."""
   with jax.set_mesh(pipe.mesh):
     video = vae.decode(pipe.vae_params, pipe.vae_cfg, vae.denormalize(pipe.vae_cfg, latents))
-  return np.clip(np.asarray(video, np.float32) / 2.0 + 0.5, 0.0, 1.0)
+  return np.clip(sharding.to_host(video).astype(np.float32) / 2.0 + 0.5, 0.0, 1.0)
 
 
 def check_size(pipe: Pipe, height: int, width: int, num_frames: int):

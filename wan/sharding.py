@@ -118,6 +118,15 @@ def constrain(x: jax.Array, axes, rules=RULES) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec(axes, x.shape, mesh, rules))
 
 
+def to_host(x) -> np.ndarray:
+  """A global array's whole value on every process (gathered across hosts when it is split
+  over devices of other processes)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
 def _fill(sizes: dict, total: int, what: str) -> dict:
   """Replaces the single -1 entry in `sizes` so that the product equals `total`."""
   free = [k for k, v in sizes.items() if v == -1]
