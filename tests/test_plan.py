@@ -166,7 +166,7 @@ def test_features_not_built_yet_refuse_other_values(field, value, error):
     (dict(dataset_type="tfrecord", train_data_dir="/c", synthetic_override_height=32),
      "synthetic_override_height=32 has no effect unless dataset_type=synthetic"),
     (dict(no_records_per_shard=10), "no_records_per_shard=10 has no effect unless job=prepare"),
-    (dict(job="prepare"), "has no training plan"),
+    (dict(job="prepare"), "job=prepare has no train plan"),
 ])
 def test_data_fields_say_what_to_change(overrides, message):
   with pytest.raises(UserError, match=message):

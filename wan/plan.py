@@ -590,28 +590,36 @@ def _check_hardware(c, devices: Devices):
           f"are {devices.platform}: use attention=flash (or ring, dot_product)")
 
 
-def make(c, devices) -> Plan:
-  """Validates `c` for `devices` (a Devices, or jax devices) and returns the run's Plan
-  (nothing is built or written)."""
-  if not isinstance(devices, Devices):
-    devices = Devices.of(devices)
+def _model_and_mesh(c, devices: Devices, job: str):
+  """What training and generation (`job`) both check first: the config alone, the devices, the
+  model family and the checkpoint's architecture, the mesh and the heads it splits.
+  Returns (family, vae_cfg, weights_path, model, boundary, ici, dcn)."""
   check(c)
-  if c.job != "train":
-    _fail(f"job={c.job} has no training plan; the launcher runs it (plan.preparation, "
-          "plan.generation)")
+  if c.job != job:
+    _fail(f"job={c.job} has no {job} plan; the launcher runs each job with its own "
+          "(plan.make, plan.preparation, plan.generation)")
   _check_hardware(c, devices)
   family = _family(c)
   vae_cfg = vae.PRESETS[family.vae]
   weights_path = fs.absolute(c.transformer_pretrained_model_name_or_path
                             or c.pretrained_model_name_or_path)
   model, boundary = _architecture(c, family, weights_path, vae_cfg.z_dim)
-  options = _options(c)
   ici, dcn = _mesh(c, devices)
-  mesh_shape = {a: ici[a] * dcn[a] for a in sharding.MESH_AXES}
-  heads, tensor = model.num_attention_heads, mesh_shape["tensor"]
+  heads, tensor = model.num_attention_heads, ici["tensor"] * dcn["tensor"]
   if heads % tensor:
     _fail(f"tensor parallelism {tensor} does not divide {heads} heads; use "
           f"{_listing(_divisors(heads))}")
+  return family, vae_cfg, weights_path, model, boundary, ici, dcn
+
+
+def make(c, devices) -> Plan:
+  """Validates `c` for `devices` (a Devices, or jax devices) and returns the run's Plan
+  (nothing is built or written)."""
+  if not isinstance(devices, Devices):
+    devices = Devices.of(devices)
+  family, vae_cfg, weights_path, model, boundary, ici, dcn = _model_and_mesh(c, devices, "train")
+  options = _options(c)
+  mesh_shape = {a: ici[a] * dcn[a] for a in sharding.MESH_AXES}
   latent_shape = _latent_shape(c, model, vae_cfg)
   global_batch = _batch(c, devices, mesh_shape)
   if c.dataset_type == "synthetic":
@@ -702,20 +710,8 @@ def generation(c, devices) -> Generation:
   but config files and headers)."""
   if not isinstance(devices, Devices):
     devices = Devices.of(devices)
-  check(c)
-  if c.job != "generate":
-    _fail(f"job={c.job} is not job=generate")
-  _check_hardware(c, devices)
-  family = _family(c)
-  vae_cfg = vae.PRESETS[family.vae]
-  weights_path = fs.absolute(c.transformer_pretrained_model_name_or_path
-                            or c.pretrained_model_name_or_path)
-  model, boundary = _architecture(c, family, weights_path, vae_cfg.z_dim)
-  ici, dcn = _mesh(c, devices)
-  heads, tensor = model.num_attention_heads, ici["tensor"] * dcn["tensor"]
-  if heads % tensor:
-    _fail(f"tensor parallelism {tensor} does not divide {heads} heads; use "
-          f"{_listing(_divisors(heads))}")
+  family, vae_cfg, weights_path, model, boundary, ici, dcn = _model_and_mesh(c, devices,
+                                                                            "generate")
   sampling = plan_sample.sampling(c, family, model, vae_cfg, prompts_required=True)
   if plan_sample.needs_image(family, c.model_type) and not sampling.image:
     _fail(f"{family.name} generates image-to-video: set image to the conditioning image")

@@ -19,7 +19,8 @@ tests assemble a root from its own folder plus the shared ones (symlinks), as
 
 Cases: t2v (Wan 2.1 layout, UniPC, CFG with a negative prompt, two prompts), t2v_euler (the same
 root with FlowMatchEulerDiscreteScheduler), a14b (two experts, boundary_ratio, guidance_scale_2),
-i2v (Wan 2.1 I2V: CLIP states, mask and condition latents), ti2v (Wan 2.2 VAE, text only) and
+i2v (Wan 2.1 I2V: CLIP states, mask and condition latents), i2v_a14b (Wan 2.2 I2V A14B: two
+36-channel-layout experts, no CLIP, boundary 0.9), ti2v (Wan 2.2 VAE, text only) and
 ti2v_i2v (the same root through WanImageToVideoPipeline: clean first frame with timestep 0).
 """
 
@@ -79,6 +80,9 @@ CASES = {
     "i2v": dict(vae="vae21", root="i2v", prompts=PROMPTS[:1], height=CLIP_SIZE, width=CLIP_SIZE,
                 num_frames=5, num_inference_steps=3, guidance_scale=5.0, sampler="unipc",
                 image=True, max_sequence_length=512),
+    "i2v_a14b": dict(vae="vae21", root="i2v_a14b", prompts=PROMPTS[:1], height=32, width=48,
+                     num_frames=5, num_inference_steps=4, guidance_scale=3.5,
+                     guidance_scale_2=2.0, sampler="unipc", image=True, boundary_ratio=0.9),
     "ti2v": dict(vae="vae22", root="ti2v", prompts=PROMPTS[:1], height=32, width=64,
                  num_frames=5, num_inference_steps=3, guidance_scale=5.0, sampler="unipc"),
     "ti2v_i2v": dict(vae="vae22", root="ti2v", prompts=PROMPTS[:1], height=32, width=64,
@@ -147,6 +151,10 @@ def _roots(parts):
                    image_processor=parts["image_processor"],
                    transformer=_transformer(23, 2 * z21 + 4, z21, image_dim=CLIP["hidden_size"])),
               ("vae21", "image_encoder", "image_processor")),
+      "i2v_a14b": (WanImageToVideoPipeline,
+                   dict(common, vae=parts["vae21"], transformer=_transformer(25, 2 * z21 + 4, z21),
+                        transformer_2=_transformer(26, 2 * z21 + 4, z21), boundary_ratio=0.9),
+                   ("vae21",)),
       "ti2v": (WanPipeline, dict(common, vae=parts["vae22"], transformer=_transformer(24, z22, z22),
                                  expand_timesteps=True), ("vae22",)),
   }
@@ -232,10 +240,11 @@ def make(out_dir):
         pipe = WanImageToVideoPipeline(**pipe.components, expand_timesteps=True)
       if case["sampler"] == "euler":
         pipe = type(pipe)(**dict(pipe.components))
-      if case["root"] == "a14b":  # both experts must run
+      if "boundary_ratio" in case:  # both experts must run
         pipe.scheduler.set_timesteps(case["num_inference_steps"])
         ts = pipe.scheduler.timesteps.numpy()
-        assert (ts >= 875).any() and (ts < 875).any(), ts
+        boundary = 1000 * case["boundary_ratio"]
+        assert (ts >= boundary).any() and (ts < boundary).any(), ts
       latents, image, video = _run(pipe, case, seed=100 + i)
       record = dict(latents=latents, video=video)
       if image is not None:
