@@ -1,7 +1,10 @@
-"""Test setup: eight fake CPU devices for every test (set before jax is imported)."""
+"""Test setup: eight fake CPU devices for every test (set before jax is imported), and one
+persistent compilation cache for the whole test session, shared by the xdist workers: the many
+tests that train the tiny models compile the same programs, and compile them once."""
 
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -9,3 +12,23 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+# One directory per test session (xdist workers share their run's id; Bazel gives each target
+# its own TEST_TMPDIR). Subprocess tests pass their own --config.jax_cache_dir.
+SESSION_CACHE = os.path.join(
+    os.environ.get("TEST_TMPDIR") or tempfile.gettempdir(),
+    f"wan-tests-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
+
+
+def pytest_configure(config):
+  del config
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_compilation_cache_dir", SESSION_CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def pytest_unconfigure(config):
+  # The controller (or the only process) removes the directory; workers leave it to it.
+  if not hasattr(config, "workerinput"):
+    import shutil  # pylint: disable=import-outside-toplevel
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)

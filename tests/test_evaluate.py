@@ -7,15 +7,16 @@ import os
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
 from configs import wan21_t2v
 from tests import clip_fixtures
-from wan import evaluate, metrics, plan, train
-from wan.data import loader, prepare
+from wan import evaluate, generate, metrics, plan, train
+from wan.data import loader, prepare, video
 from wan.errors import ConfigError
 
-TIMESTEPS = (125, 500, 875)
+TIMESTEPS = (250, 750)
 
 
 def _config(**fields):
@@ -68,11 +69,12 @@ def test_timestep_losses_are_the_means_of_each_clips_loss(cache, tmp_path):
   clips = ev._clips  # pylint: disable=protected-access
   assert len(clips) >= 3
   want = {t: [] for t in TIMESTEPS}
-  for i, k in evaluate.pairs(len(clips), TIMESTEPS, 60, 420):
+  one = jax.jit(lambda batch, sigma, noise: train.sample_losses(params, batch, sigma, noise, p,
+                                                                weighted=False))
+  for i, k in evaluate.pairs(len(clips), TIMESTEPS, 60, 420):  # each pair alone
     batch = {k2: jax.numpy.asarray(v) for k2, v in loader.assemble([clips[i]], p).items()}
     noise = evaluate.clip_noise(p.seed, np.array([i]), clips[i]["latents"].shape)
-    loss = train.sample_losses(params, batch, np.array([TIMESTEPS[k] / 1000], np.float32),
-                               noise, p, weighted=False)
+    loss = one(batch, np.array([TIMESTEPS[k] / 1000], np.float32), noise)
     want[TIMESTEPS[k]].append(float(loss[0]))
   for t in TIMESTEPS:
     np.testing.assert_allclose(got[f"eval/loss_t{t}"], np.mean(want[t]), rtol=1e-5)
@@ -87,17 +89,28 @@ def _rows(run_dir):
   return ([r for r in rows if "loss" in r], [r for r in rows if "eval/loss" in r])
 
 
-def test_a_run_with_every_evaluation_writes_it_all_and_resumes_exactly(cache, tmp_path):
+def test_a_run_with_every_evaluation_writes_it_all_resumes_exactly_and_generates_alike(
+    cache, tmp_path):
+  """Two steps with every evaluation, resumed for two more: the training losses of a run without
+  evaluation, an evaluation row, videos and TensorBoard images at steps 2 and 4; then the
+  generate job on the run's checkpoint samples the video its evaluation did."""
+  reference = train.train(plan.make(_config(**_fields(cache, tmp_path / "ref", evaluation=False,
+                                                      max_train_steps=4)), jax.devices()))
   every = dict(enable_ssim=True, enable_generate_video_for_eval=True, prompt="a red ball",
-               num_inference_steps=2, max_train_steps=4, checkpoint_every=4)
-  whole = train.train(plan.make(_config(**_fields(cache, tmp_path / "a", **every)),
+               num_inference_steps=2, checkpoint_every=4)
+  first = train.train(plan.make(_config(**_fields(cache, tmp_path, max_train_steps=2, **every)),
                                 jax.devices()))
-  run_dir = tmp_path / "a" / "wan21_t2v_tiny"
+  second = train.train(plan.make(_config(**_fields(cache, tmp_path, max_train_steps=4, **every)),
+                                 jax.devices()))
+  np.testing.assert_allclose(first + second, reference, rtol=1e-6)
+
+  run_dir = tmp_path / "wan21_t2v_tiny"
   steps, evals = _rows(run_dir)
   assert [r["step"] for r in steps] == [1, 2, 3, 4] and [r["step"] for r in evals] == [2, 4]
   assert set(evals[0]) == {"step", "eval/loss", "eval/ssim"} | {
       f"eval/loss_t{t}" for t in TIMESTEPS}
-  assert 0 < evals[0]["eval/ssim"] < 1
+  assert all(0 < r["eval/ssim"] < 1 for r in evals)
+  assert evals[0]["eval/loss"] != evals[1]["eval/loss"]  # the weights moved
   for step in (2, 4):
     assert sorted(os.listdir(run_dir / "samples" / f"step_{step}")) == [
         "000_a_red_ball.mp4", "000_a_red_ball.png"]
@@ -107,17 +120,16 @@ def test_a_run_with_every_evaluation_writes_it_all_and_resumes_exactly(cache, tm
   assert [e.step for e in events.Images("eval/video_0")] == [2, 4]
   assert [e.step for e in events.Scalars("eval/loss")] == [2, 4]
 
-  # Two steps without evaluation, then resumed with it: the same training and evaluation.
-  first = train.train(plan.make(_config(**_fields(cache, tmp_path / "b", evaluation=False,
-                                                  max_train_steps=2, checkpoint_every=4)),
-                                jax.devices()))
-  second = train.train(plan.make(_config(**_fields(cache, tmp_path / "b", **every)),
-                                 jax.devices()))
-  np.testing.assert_allclose(first + second, whole, rtol=1e-6)
-  _, resumed = _rows(tmp_path / "b" / "wan21_t2v_tiny")
-  assert [r["step"] for r in resumed] == [4]
-  for key, value in evals[1].items():
-    np.testing.assert_allclose(resumed[0][key], value, rtol=1e-5, err_msg=key)
+  # The generate job on the run's newest checkpoint (step 4): the same weights, prompt and seed.
+  sheet = run_dir / "samples" / "step_4" / "000_a_red_ball.png"
+  during = np.asarray(Image.open(sheet)).astype(int)  # lossless: the frames themselves
+  os.remove(sheet)
+  c = _config(job="generate", output_dir=str(tmp_path), prompt="a red ball",
+              num_inference_steps=2)
+  (path,) = generate.run(plan.generation(c, jax.devices()))
+  assert path == str(run_dir / "samples" / "step_4" / "000_a_red_ball.mp4")
+  assert np.abs(np.asarray(Image.open(sheet)).astype(int) - during).max() <= 1
+  assert video.probe(path).num_frames == 5
 
 
 @pytest.mark.parametrize("fields, message", [

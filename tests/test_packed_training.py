@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import launch
 from configs import wan21_i2v, wan21_t2v, wan22_ti2v
 from tests import clip_fixtures
 from wan import plan, sharding, train, transformer
@@ -132,24 +131,20 @@ def cache(tmp_path_factory):
 
 
 def test_packed_run_trains_and_resumes_exactly(cache, tmp_path):
-  launch.use_compilation_cache(str(tmp_path / "jax_cache"))  # three runs, one program
-  try:
-    fields = dict(dataset_type="tfrecord", train_data_dir=cache, pack_sequences=True,
-                  max_train_steps=6, checkpoint_every=6, precision="HIGHEST",
-                  global_batch_size=2, write_metrics=True)
-    p = plan.make(_config(output_dir=str(tmp_path / "a"), **fields), jax.devices())
-    # Buckets 1x8x8 (16 tokens), 2x10x6 and 2x6x10 (30), 2x8x8 (32): rows of 32 tokens, two
-    # clips at most; 8 samples in 7 rows, 4 batches of 2 rows.
-    assert len(p.data.buckets) == 4 and p.seq_len == 32
-    assert p.data.packing.max_segments == 2 and p.data.steps_per_epoch == 4
-    assert "packed: rows of 32 tokens" in p.summary()
-    whole = train.train(p, jax.devices())
-    first = train.train(plan.make(_config(output_dir=str(tmp_path / "b"), **dict(
-        fields, max_train_steps=3)), jax.devices()))
-    second = train.train(plan.make(_config(output_dir=str(tmp_path / "b"), **fields),
-                                   jax.devices()))
-  finally:
-    launch.use_compilation_cache("")
+  fields = dict(dataset_type="tfrecord", train_data_dir=cache, pack_sequences=True,
+                max_train_steps=6, checkpoint_every=6, precision="HIGHEST",
+                global_batch_size=2, write_metrics=True)
+  p = plan.make(_config(output_dir=str(tmp_path / "a"), **fields), jax.devices())
+  # Buckets 1x8x8 (16 tokens), 2x10x6 and 2x6x10 (30), 2x8x8 (32): rows of 32 tokens, two
+  # clips at most; 8 samples in 7 rows, 4 batches of 2 rows.
+  assert len(p.data.buckets) == 4 and p.seq_len == 32
+  assert p.data.packing.max_segments == 2 and p.data.steps_per_epoch == 4
+  assert "packed: rows of 32 tokens" in p.summary()
+  whole = train.train(p, jax.devices())
+  first = train.train(plan.make(_config(output_dir=str(tmp_path / "b"), **dict(
+      fields, max_train_steps=3)), jax.devices()))
+  second = train.train(plan.make(_config(output_dir=str(tmp_path / "b"), **fields),
+                                 jax.devices()))
   assert len(whole) == 6 and len(first) == 3 and len(second) == 3
   assert all(np.isfinite(whole))
   assert first + second == whole  # bit-exact, across the epoch boundary (step 5)

@@ -10,7 +10,6 @@ import numpy as np
 import optax
 import pytest
 
-import launch
 from configs import wan21_i2v, wan21_t2v, wan22_i2v, wan22_t2v, wan22_ti2v
 from tests.conftest import GOLDEN_DIR
 from wan import checkpoint, conditioning, data, plan, train, transformer
@@ -61,15 +60,7 @@ def test_sharded_step_equals_single_device(single_device_step, mesh):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.fixture
-def compilation_cache(tmp_path):
-  """The three runs below compile the same programs: compile them once."""
-  launch.use_compilation_cache(str(tmp_path / "jax_cache"))
-  yield
-  launch.use_compilation_cache("")
-
-
-def test_interrupted_run_resumes_exactly(tmp_path, compilation_cache):
+def test_interrupted_run_resumes_exactly(tmp_path):
   common = dict(checkpoint_every=8, learning_rate_schedule_steps=6, warmup_steps_fraction=0.5,
                 caption_dropout=0.3, write_metrics=True)
   full = _train(_tiny(max_train_steps=6, output_dir=str(tmp_path / "full"), **common))
@@ -255,7 +246,7 @@ def test_metrics_are_on_disk_before_each_checkpoint(tmp_path, monkeypatch):
   assert seen == {2: [1, 2], 4: [1, 2, 3, 4], 5: [1, 2, 3, 4, 5]}
 
 
-def test_resume_without_a_saved_optimizer_state(tmp_path, compilation_cache, monkeypatch):
+def test_resume_without_a_saved_optimizer_state(tmp_path, monkeypatch):
   """The params come back exactly (the first resumed loss equals the uninterrupted run's) and
   the optimizer starts afresh; a resume reads the checkpoint, not the pretrained weights."""
   common = dict(checkpoint_every=8, save_optimizer=False, learning_rate_schedule_steps=3,

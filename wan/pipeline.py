@@ -179,8 +179,7 @@ def clean_prompt(text: str) -> str:
 
 
 def _batch_sharded(pipe: Pipe, x):
-  spec = sharding.spec(("batch",) + (None,) * (x.ndim - 1), x.shape, pipe.mesh)
-  return jax.device_put(x, jax.NamedSharding(pipe.mesh, spec))
+  return vae.shard_batch(x, pipe.mesh)  # split over data x fsdp where the batch divides
 
 
 def encode_prompts(pipe: Pipe, prompts, max_sequence_length: int):
@@ -191,12 +190,8 @@ def encode_prompts(pipe: Pipe, prompts, max_sequence_length: int):
                         _batch_sharded(pipe, mask))
 
 
-def _jit(fn, static):
-  return jax.jit(fn, static_argnames=static)
-
-
-_encode_text = _jit(text_encoder.encode, "cfg")
-_encode_image = _jit(image_encoder.encode, "cfg")
+_encode_text = jax.jit(text_encoder.encode, static_argnames="cfg")
+_encode_image = jax.jit(image_encoder.encode, static_argnames="cfg")
 
 
 def _encode_video(params, cfg, video):
