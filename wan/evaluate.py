@@ -79,7 +79,9 @@ class Evaluator:
       refs = [(s["file"], r) for s in e.manifest["shards"] for r in s["records"]]
       limit = e.num_samples if e.timesteps else plan.global_batch
       self._clips = [reader.read(*ref) for ref in refs[:limit]]
-    self._pipe = self._make_pipe() if (e.videos or e.ssim) else None
+    self._pipe = None
+    if e.videos or e.ssim:
+      self._pipe, self._prompts, self._negative = self._make_pipe()
     self._losses = jax.jit(self._batch_losses)
 
   def due(self, step: int) -> bool:
@@ -120,18 +122,25 @@ class Evaluator:
 
   # -------------------------------------------------------------------------------- sampling
 
-  def _make_pipe(self) -> pipeline.Pipe:
-    """The pipe around the run's weights (given at each call): the run's encoders; Wan 2.2 A14B
-    takes its other expert from the root, or the trained one for both without a root."""
-    plan = self._plan
+  def _make_pipe(self):
+    """(pipe, prompt states, negative-prompt state) for sampling with the run's weights (given
+    at each call). The prompts are encoded here once, and the text encoder is then let go: it
+    takes no device memory while training. Wan 2.2 A14B takes its other expert from the root,
+    or the trained one for both without a root."""
+    plan, s = self._plan, self._eval.sampling
     encoders = encode.parts(plan.encoding, "float32", plan.options.weights_dtype)
     experts = {}
     other = {"high_noise": "low_noise", "low_noise": "high_noise"}[plan.expert]
     if plan.family.experts and plan.weights:
       experts[other] = transformer.load(plan.weights, DTYPES[plan.options.weights_dtype],
                                         expert=other)[1]
-    return pipeline.assemble(plan.family, plan.model, experts, plan.boundary, encoders,
+    pipe = pipeline.assemble(plan.family, plan.model, experts, plan.boundary, encoders,
                              plan.options, self._mesh)
+    length = s.max_sequence_length
+    prompts = pipeline.encode_prompts(pipe, s.prompts, length) if s.prompts else None
+    negative = (pipeline.encode_prompts(pipe, [s.negative_prompt], length)
+                if s.guidance_scale > 1 else None)
+    return dataclasses.replace(pipe, text_params=None), prompts, negative
 
   def _with(self, params) -> pipeline.Pipe:
     experts = dict(self._pipe.experts, **{self._plan.expert: params})
@@ -145,13 +154,13 @@ class Evaluator:
     image = generate.read_image(s.image) if s.image else None
     pipe = self._with(params)
     out = {}
-    for i, prompt in enumerate(s.prompts):
-      out[i] = pipeline.generate(
-          pipe, prompt, negative_prompt=s.negative_prompt, height=s.height, width=s.width,
+    for i in range(len(s.prompts)):  # as job=generate samples prompt i
+      out[i] = pipeline.sample(
+          pipe, self._prompts[i:i + 1], self._negative, height=s.height, width=s.width,
           num_frames=s.num_frames, num_inference_steps=s.num_inference_steps,
           guidance_scale=s.guidance_scale, guidance_scale_2=s.guidance_scale_2,
           flow_shift=s.flow_shift, sampler=s.sampler, seed=s.seed + i, image=image,
-          max_sequence_length=s.max_sequence_length, progress=False)[0]
+          progress=False)[0]
     if jax.process_index() == 0:
       out_dir = fs.join(self._plan.outputs.run_dir, "samples", f"step_{step}")
       fs.makedirs(out_dir)
@@ -178,9 +187,7 @@ class Evaluator:
     elif kind == "first_frame":
       cond = {"first_frame": jnp.asarray(host["latents"][:, :1])}
     image = jnp.asarray(host["image"]) if "image" in host else None
-    guided = s.guidance_scale > 1
-    negative = (pipeline.encode_prompts(pipe, [s.negative_prompt] * n, host["text"].shape[1])
-                if guided else None)
+    negative = None if self._negative is None else jnp.repeat(self._negative, n, axis=0)
     schedule = samplers.schedule(s.sampler, s.num_inference_steps, s.flow_shift)
     latents = pipeline.denoise(pipe, noise, jnp.asarray(host["text"]), negative, schedule,
                                kind=kind, cond=cond, image_states=image,

@@ -353,6 +353,44 @@ def generate(pipe: Pipe, prompts, *, negative_prompt="", height: int, width: int
   if not prompts or len(negatives) != len(prompts):
     raise ValueError(f"{len(prompts)} prompts and {len(negatives)} negative prompts; pass at "
                      "least one prompt and one negative prompt (or one for all)")
+  _latent_shape(pipe, len(prompts), height, width, num_frames, image, guidance_scale_2, latents)
+  samplers.check(sampler, num_inference_steps, 1.0 if flow_shift is None else flow_shift)
+  text = encode_prompts(pipe, prompts, max_sequence_length)
+  negative = encode_prompts(pipe, negatives, max_sequence_length) if guidance_scale > 1 else None
+  return sample(pipe, text, negative, height=height, width=width, num_frames=num_frames,
+                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                guidance_scale_2=guidance_scale_2, flow_shift=flow_shift, sampler=sampler,
+                seed=seed, latents=latents, image=image, progress=progress)
+
+
+def sample(pipe: Pipe, text, negative, *, height: int, width: int, num_frames: int,
+           num_inference_steps: int = 50, guidance_scale: float = 5.0, guidance_scale_2=None,
+           flow_shift=None, sampler: str = "unipc", seed: int = 0, latents=None, image=None,
+           progress: bool = True) -> np.ndarray:
+  """`generate` from prompt states (`encode_prompts`): text (B, L, D), negative (B, L, D), or
+  None without guidance. Training's evaluation encodes its prompts once and samples with this."""
+  shape = _latent_shape(pipe, text.shape[0], height, width, num_frames, image, guidance_scale_2,
+                        latents)
+  if latents is None:
+    latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+  shift, train_steps = flow_shift, flow.NUM_TRAIN_TIMESTEPS
+  if shift is None:
+    if not pipe.scheduler:
+      raise ValueError("the model root has no scheduler/scheduler_config.json: pass flow_shift=")
+    settings = samplers.from_scheduler_config(pipe.scheduler)
+    shift, train_steps = settings["shift"], settings["num_train_timesteps"]
+  schedule = samplers.schedule(sampler, num_inference_steps, shift, train_steps)
+  pixels = None if image is None else _image_array(image, height, width, shape[0])
+  kind, cond, states = condition(pipe, pixels, shape, num_frames)
+  out = denoise(pipe, latents, text, negative, schedule, kind=kind, cond=cond,
+                image_states=states, guidance_scale=guidance_scale,
+                guidance_scale_2=guidance_scale_2, progress=progress)
+  return decode(pipe, out)
+
+
+def _latent_shape(pipe: Pipe, batch: int, height, width, num_frames, image, guidance_scale_2,
+                  latents) -> tuple:
+  """The noise shape (B, F', H', W', C) of a request, checked (ValueError saying what to use)."""
   check_size(pipe, height, width, num_frames)
   if pipe.image_to_video and image is None:
     raise ValueError(f"{pipe.family.name} is an image-to-video model: pass image=")
@@ -361,25 +399,8 @@ def generate(pipe: Pipe, prompts, *, negative_prompt="", height: int, width: int
   if guidance_scale_2 is not None and pipe.boundary is None:
     raise ValueError("guidance_scale_2 applies to the two-expert Wan 2.2 A14B models only")
   s, t = pipe.vae_cfg.scale_factor_spatial, pipe.vae_cfg.scale_factor_temporal
-  shape = (len(prompts), (num_frames - 1) // t + 1, height // s, width // s, pipe.vae_cfg.z_dim)
-  if latents is None:
-    latents = jax.random.normal(jax.random.key(seed), shape, jnp.float32)
-  elif tuple(np.shape(latents)) != shape:
-    raise ValueError(f"latents have shape {tuple(np.shape(latents))}; {len(prompts)} videos of "
+  shape = (batch, (num_frames - 1) // t + 1, height // s, width // s, pipe.vae_cfg.z_dim)
+  if latents is not None and tuple(np.shape(latents)) != shape:
+    raise ValueError(f"latents have shape {tuple(np.shape(latents))}; {batch} videos of "
                      f"{num_frames}x{height}x{width} take {shape} (channels-last)")
-  shift = flow_shift
-  train_steps = 1000
-  if shift is None:
-    if not pipe.scheduler:
-      raise ValueError("the model root has no scheduler/scheduler_config.json: pass flow_shift=")
-    settings = samplers.from_scheduler_config(pipe.scheduler)
-    shift, train_steps = settings["shift"], settings["num_train_timesteps"]
-  schedule = samplers.schedule(sampler, num_inference_steps, shift, train_steps)
-  text = encode_prompts(pipe, prompts, max_sequence_length)
-  negative = encode_prompts(pipe, negatives, max_sequence_length) if guidance_scale > 1 else None
-  pixels = None if image is None else _image_array(image, height, width, len(prompts))
-  kind, cond, states = condition(pipe, pixels, shape, num_frames)
-  out = denoise(pipe, latents, text, negative, schedule, kind=kind, cond=cond,
-                image_states=states, guidance_scale=guidance_scale,
-                guidance_scale_2=guidance_scale_2, progress=progress)
-  return decode(pipe, out)
+  return shape

@@ -52,7 +52,8 @@ class Schedule:
   #                        this step's corrected input (unipc, rows 1..N-1; zeros elsewhere)
 
 
-def _check(sampler, num_steps, shift, num_train_timesteps):
+def check(sampler, num_steps, shift, num_train_timesteps=1000):
+  """Raises ConfigError (a ValueError) naming a bad sampler, step count, shift or train steps."""
   if sampler not in SAMPLERS:
     raise ConfigError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
   if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral) or num_steps < 1:
@@ -153,7 +154,7 @@ def _corrector_row(sigmas, lam, i, order):
 def schedule(sampler: str, num_steps: int, shift: float,
              num_train_timesteps: int = 1000) -> Schedule:
   """The sigmas, timesteps and per-step weights of `num_steps` steps of `sampler`."""
-  _check(sampler, num_steps, shift, num_train_timesteps)
+  check(sampler, num_steps, shift, num_train_timesteps)
   n, shift = int(num_steps), float(shift)
   if sampler == "euler":
     sigmas, timesteps = _euler_sigmas(n, shift, num_train_timesteps)
@@ -287,7 +288,7 @@ def from_scheduler_config(config: dict) -> dict:
   out = {"sampler": sampler, "shift": config.get(shift_key, 1.0),
          "num_train_timesteps": config.get("num_train_timesteps", 1000)}
   try:
-    _check(sampler, 1, out["shift"], out["num_train_timesteps"])
+    check(sampler, 1, out["shift"], out["num_train_timesteps"])
   except ConfigError as e:
     raise ConfigError(f"{name} in scheduler/scheduler_config.json: {e}") from None
   out["shift"] = float(out["shift"])
