@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator
 
-from configs import wan21_t2v
+from configs import wan21_t2v, wan22_t2v
 from tests import clip_fixtures
 from wan import evaluate, generate, metrics, plan, train
 from wan.data import loader, prepare, video
@@ -143,3 +143,10 @@ def test_a_run_with_every_evaluation_writes_it_all_resumes_exactly_and_generates
 def test_evaluation_settings_are_checked(fields, message):
   with pytest.raises(ConfigError, match=message):
     plan.make(_config(**fields), jax.devices())
+
+
+def test_an_a14b_expert_is_evaluated_on_its_side_of_the_boundary():
+  c = wan22_t2v.get_config("tiny")
+  c.update(eval_every=5, timestep_eval=True, eval_data_dir="/x")
+  with pytest.raises(ConfigError, match=r"timesteps_list has \[125, .*outside the 875..1000"):
+    plan.make(c, jax.devices())

@@ -643,10 +643,6 @@ def make(c, devices) -> Plan:
     _fail("attention_sharding_uniform=False has no effect without context parallelism "
           "(ici_context or dcn_context > 1); leave it at True")
   num_steps = _num_steps(c, global_batch, data, model.patch_size)
-  evaluation = plan_sample.evaluation(c, family, model, vae_cfg)
-  encoding = None
-  if evaluation is not None and (evaluation.videos or evaluation.ssim):
-    encoding = data.encoding or plan_data.encoders(c, family, model)
   decls = transformer.declarations(model)
   per_device, whole = _place_parameters(decls, mesh_shape, DTYPES[c.weights_dtype])
   schedule_steps = (num_steps if c.learning_rate_schedule_steps < 0
@@ -655,6 +651,10 @@ def make(c, devices) -> Plan:
     sigma_range = (0.0, 1.0)
   else:
     sigma_range = (boundary, 1.0) if c.expert == "high_noise" else (0.0, boundary)
+  evaluation = plan_sample.evaluation(c, family, model, vae_cfg, sigma_range)
+  encoding = None
+  if evaluation is not None and (evaluation.videos or evaluation.ssim):
+    encoding = data.encoding or plan_data.encoders(c, family, model)
   return Plan(
       family=family, model=model, options=options, weights=weights_path, expert=c.expert,
       seed=int(c.seed), ici=ici, dcn=dcn, global_batch=global_batch, latent_shape=latent_shape,

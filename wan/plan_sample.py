@@ -111,8 +111,9 @@ def needs_image(family, model_type: str) -> bool:
   return model_type == "I2V" and family.i2v == "concat"
 
 
-def evaluation(c, family, model, vae_cfg) -> Evaluation | None:
-  """The in-training evaluation of `c` (None when eval_every <= 0)."""
+def evaluation(c, family, model, vae_cfg, sigma_range=(0.0, 1.0)) -> Evaluation | None:
+  """The in-training evaluation of `c` (None when eval_every <= 0); sigma_range: the noise
+  levels the run trains (a Wan 2.2 A14B expert's side of the boundary)."""
   on = c.timestep_eval or c.enable_generate_video_for_eval or c.enable_ssim
   if not on:
     return None
@@ -124,6 +125,11 @@ def evaluation(c, family, model, vae_cfg) -> Evaluation | None:
     timesteps = tuple(int(t) for t in c.timesteps_list)
     if not timesteps or any(not 0 <= t <= 1000 for t in timesteps):
       _fail(f"timesteps_list={c.timesteps_list} must be timesteps in [0, 1000]")
+    low, high = (1000 * x for x in sigma_range)
+    outside = [t for t in timesteps if not low <= t <= high]
+    if outside:
+      _fail(f"timesteps_list has {outside}, outside the {low:g}..{high:g} that expert="
+            f"{c.expert} trains; evaluate it at timesteps in that range")
     for field in ("num_eval_samples", "eval_max_number_of_samples_in_bucket"):
       if c[field] < 1:
         _fail(f"{field}={c[field]} must be >= 1")
