@@ -93,7 +93,7 @@ def family_of(model: transformer.Config, vae_cfg: vae.Config, index: dict | None
 
 
 def load(path, dtype=jnp.float32, *, mesh=None, options=None, checkpoint_dir=None,
-         expert: str = "high_noise") -> Pipe:
+         expert: str = "high_noise", vae_tiling: bool = True) -> Pipe:
   """A diffusers-format Wan model root, placed on `mesh` (default: all devices, fsdp).
 
   path: a root with model_index.json, transformer/ (+ transformer_2/ and boundary_ratio for
@@ -102,6 +102,8 @@ def load(path, dtype=jnp.float32, *, mesh=None, options=None, checkpoint_dir=Non
   and CLIP run in float32 (as Wan's own pipelines do). options: transformer.Options (default:
   dtype, XLA attention on CPU, the Pallas kernels elsewhere). checkpoint_dir: a training run's
   checkpoints (trained from this root): its newest parameters replace `expert`'s.
+  vae_tiling: decode frames over 256 px in overlapping tiles, as diffusers' `vae.enable_tiling()`
+  (bounded memory at 720p); False decodes whole frames, as diffusers does by default.
   """
   path = str(path)
   mesh = mesh or default_mesh()
@@ -128,7 +130,7 @@ def load(path, dtype=jnp.float32, *, mesh=None, options=None, checkpoint_dir=Non
   if family.experts:
     boundary = float((index or {}).get("boundary_ratio") or family.boundary)
   pipe = assemble(family, model, experts, boundary, encoders, options, mesh,
-                  roots.read_json(config) if fs.exists(config) else {})
+                  roots.read_json(config) if fs.exists(config) else {}, vae_tiling)
   return with_checkpoint(pipe, checkpoint_dir, expert)[0] if checkpoint_dir else pipe
 
 
@@ -145,11 +147,12 @@ def with_checkpoint(pipe: Pipe, directory: str, expert: str = "high_noise"):
 
 
 def assemble(family, model, experts: dict, boundary, encoders: dict, options, mesh,
-             scheduler: dict | None = None) -> Pipe:
+             scheduler: dict | None = None, vae_tiling: bool = True) -> Pipe:
   """A Pipe from its parts, placed on `mesh`: experts {"high_noise": params[, "low_noise":
   params]}; encoders: wan.data.encode.parts' dict (vae_cfg, vae_params, text_cfg, text_params,
   tokenize, image_cfg, image_params); scheduler: a root's scheduler_config.json, if any."""
-  encoders = dict(encoders, vae_cfg=dataclasses.replace(encoders["vae_cfg"], use_tiling=True))
+  encoders = dict(encoders,
+                  vae_cfg=dataclasses.replace(encoders["vae_cfg"], use_tiling=vae_tiling))
   return place(Pipe(family=family, model=model, experts=experts, boundary=boundary,
                     options=options, scheduler=scheduler or {}, mesh=mesh, **encoders))
 
