@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wan import fs, generate, media, pipeline, samplers, sharding, ssim, transformer
+from wan import fs, generate, pipeline, samplers, sharding, ssim, transformer
 from wan.data import encode, loader, records
 from wan.numerics import DTYPES
 
@@ -165,9 +165,7 @@ class Evaluator:
       out_dir = fs.join(self._plan.outputs.run_dir, "samples", f"step_{step}")
       fs.makedirs(out_dir)
       for i, video in out.items():
-        stem = fs.join(out_dir, generate.sample_name(i, s.prompts[i]))
-        media.write_mp4(stem + ".mp4", video, s.fps)
-        media.write_png(stem + ".png", media.contact_sheet(video))
+        generate.write_sample(out_dir, i, s.prompts[i], video, s.fps)
     self._writer.write_videos(step, {f"eval/video_{i}": v for i, v in out.items()}, s.fps)
     return out
 

@@ -28,6 +28,15 @@ def sample_name(index: int, prompt: str) -> str:
   return f"{index:03d}_{words or 'prompt'}"
 
 
+def write_sample(out_dir: str, index: int, prompt: str, video, fps: float) -> str:
+  """Writes a video (F, H, W, 3) in [0, 1] as <index>_<words>.mp4 and its contact sheet .png
+  under out_dir; returns the mp4's path."""
+  stem = fs.join(out_dir, sample_name(index, prompt))
+  media.write_mp4(stem + ".mp4", video, fps)
+  media.write_png(stem + ".png", media.contact_sheet(video))
+  return stem + ".mp4"
+
+
 def read_image(path: str) -> np.ndarray:
   """An image file as (H, W, 3) uint8 (alpha dropped, grey expanded)."""
   import imageio.v3 as iio  # pylint: disable=import-outside-toplevel
@@ -82,10 +91,9 @@ def run(gen: Generation) -> list[str]:
         guidance_scale=s.guidance_scale, guidance_scale_2=s.guidance_scale_2,
         flow_shift=s.flow_shift, sampler=s.sampler, seed=s.seed + i, image=image,
         max_sequence_length=s.max_sequence_length)[0]
-    stem = fs.join(out_dir, sample_name(i, prompt))
+    path = fs.join(out_dir, sample_name(i, prompt) + ".mp4")
     if writing:
-      media.write_mp4(stem + ".mp4", video, s.fps)
-      media.write_png(stem + ".png", media.contact_sheet(video))
-      print(f"  {stem}.mp4", flush=True)
-    paths.append(stem + ".mp4")
+      write_sample(out_dir, i, prompt, video, s.fps)
+      print(f"  {path}", flush=True)
+    paths.append(path)
   return paths

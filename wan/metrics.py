@@ -33,7 +33,8 @@ def peak_tflops(device) -> float | None:
   return None
 
 
-def _bar(done, total, width=20):
+def bar(done, total, width=20):
+  """A text progress bar: [#####...............]."""
   filled = int(width * done / max(total, 1))
   return "[" + "#" * filled + "." * (width - filled) + "]"
 
@@ -105,7 +106,7 @@ class Writer:
     if not self._on:
       return
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-    parts = [f"step {step}/{self._total} {_bar(step, self._total)}",
+    parts = [f"step {step}/{self._total} {bar(step, self._total)}",
              f"loss {metrics['loss']:.5f}", f"lr {metrics['learning_rate']:.3g}",
              f"{metrics['step_time']:.3f} s/step"]
     if "tflops_per_device" in metrics:

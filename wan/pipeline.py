@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wan import (checkpoint, conditioning, families, flow, fs, image_encoder, samplers,
-                 sharding, text_encoder, transformer, vae)
+from wan import (checkpoint, conditioning, families, flow, fs, image_encoder, metrics, samplers,
+                 sharding, text_encoder, transformer, vae, video_tokens)
 from wan.errors import ConfigError
 from wan.numerics import DTYPES
 from wan.weights import roots
@@ -273,10 +273,9 @@ def _progress(i: int, total: int, start: float):
     return
   done = i + 1
   rate = (time.perf_counter() - start) / done
-  bar = "#" * (20 * done // total) + "." * (20 - 20 * done // total)
   end = "\n" if done == total else ""
-  print(f"\rsampling [{bar}] {done}/{total} {rate:.2f} s/step", end=end, file=sys.stderr,
-        flush=True)
+  print(f"\rsampling {metrics.bar(done, total)} {done}/{total} {rate:.2f} s/step", end=end,
+        file=sys.stderr, flush=True)
 
 
 def denoise(pipe: Pipe, latents, text, negative, schedule: samplers.Schedule, *, kind="none",
@@ -324,17 +323,8 @@ def decode(pipe: Pipe, latents) -> np.ndarray:
 
 def check_size(pipe: Pipe, height: int, width: int, num_frames: int):
   """Sizes the VAE and the patches divide; raises ValueError saying what to use."""
-  s, t = pipe.vae_cfg.scale_factor_spatial, pipe.vae_cfg.scale_factor_temporal
-  _, ph, pw = pipe.model.patch_size
-  for name, size, patch in (("height", height, ph), ("width", width, pw)):
-    factor = s * patch
-    if size < factor or size % factor:
-      raise ValueError(f"{name}={size} must be a multiple of {factor} (VAE {s}x times patch "
-                       f"{patch}); use {max(factor, size // factor * factor)}")
-  if num_frames < 1 or (num_frames - 1) % t:
-    k = max(num_frames - 1, 0) // t
-    raise ValueError(f"num_frames={num_frames} must be {t}k+1; use {t * k + 1} or "
-                     f"{t * k + t + 1}")
+  video_tokens.check_video_size(height, width, num_frames, pipe.vae_cfg.scale_factor_spatial,
+                                pipe.vae_cfg.scale_factor_temporal, pipe.model.patch_size)
 
 
 def generate(pipe: Pipe, prompts, *, negative_prompt="", height: int, width: int,

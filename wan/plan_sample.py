@@ -8,7 +8,7 @@ calls it; nothing else reads them).
 
 import dataclasses
 
-from wan import fs, plan_data, samplers
+from wan import fs, plan_data, samplers, video_tokens
 from wan.data import records
 from wan.errors import ConfigError, MissingFile
 
@@ -91,13 +91,11 @@ def sampling(c, family, model, vae_cfg, *, prompts_required: bool) -> Sampling:
       _fail(f"image: {family.name} with model_type={c.model_type} takes no image")
     if not fs.exists(image):
       raise MissingFile(f"image: {image} does not exist")
-  s, t = vae_cfg.scale_factor_spatial, vae_cfg.scale_factor_temporal
-  _, ph, pw = model.patch_size
-  for name, size, patch in (("height", c.height, ph), ("width", c.width, pw)):
-    if size % (s * patch):
-      _fail(f"{name}={size} must be a multiple of {s * patch} (VAE {s}x times patch {patch})")
-  if (c.num_frames - 1) % t:
-    _fail(f"num_frames={c.num_frames} must be {t}k+1")
+  try:
+    video_tokens.check_video_size(c.height, c.width, c.num_frames, vae_cfg.scale_factor_spatial,
+                                  vae_cfg.scale_factor_temporal, model.patch_size)
+  except ValueError as e:
+    _fail(str(e))
   return Sampling(
       prompts=_prompts(c, prompts_required), negative_prompt=c.negative_prompt,
       height=int(c.height), width=int(c.width), num_frames=int(c.num_frames),

@@ -12,6 +12,22 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def check_video_size(height: int, width: int, num_frames: int, spatial: int, temporal: int,
+                     patch_size):
+  """Pixel sizes that the VAE (spatial x, temporal x) and the (pt, ph, pw) patches divide;
+  raises ValueError saying what to use."""
+  _, ph, pw = patch_size
+  for name, size, patch in (("height", height, ph), ("width", width, pw)):
+    factor = spatial * patch
+    if size < factor or size % factor:
+      raise ValueError(f"{name}={size} must be a multiple of {factor} (VAE {spatial}x times "
+                       f"patch {patch}); use {max(factor, size // factor * factor)}")
+  if num_frames < 1 or (num_frames - 1) % temporal:
+    k = max(num_frames - 1, 0) // temporal
+    raise ValueError(f"num_frames={num_frames} must be {temporal}k+1; use {temporal * k + 1} "
+                     f"or {temporal * k + temporal + 1}")
+
+
 def patchify(latents, patch_size):
   """Non-overlapping (pt, ph, pw) patches, each flattened in (pt, ph, pw, C) order, frame-major.
 
