@@ -175,11 +175,15 @@ def get_config():
   c.sampler = "unipc"  # unipc | euler | dpm++
   c.fps = 0.0  # frame rate of the videos written (0: the model's, 16 or 24 for TI2V 5B)
 
-  # LoRA (not implemented yet).
+  # LoRA (docs/lora.md). Training: an adapter of rank lora_config.rank[0] over a frozen base;
+  # the first LoRA of lora_model_name_or_path starts it, the others are merged into the base.
+  # Generation: every listed LoRA is merged at its scale.
   c.enable_lora = False
   c.lora_config = ml_collections.ConfigDict(dict(
       rank=(64,), lora_model_name_or_path=(), weight_name=(), adapter_name=(), scale=(1.0,),
       from_pt=()))
+  c.lora_alpha = 0.0  # the adapter's scale is lora_alpha / rank (0: alpha = rank; musubi: 1)
+  c.lora_targets = "blocks/.*"  # regex over block linear paths (blocks/self_attn/q, blocks/ffn/fc1)
 
   # Quantization (not implemented yet).
   c.quantization = ""

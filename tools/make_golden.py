@@ -18,7 +18,7 @@ import importlib
 import os
 import sys
 
-COMPONENTS = ("transformer", "vae", "text", "image", "samplers", "pipeline")
+COMPONENTS = ("transformer", "vae", "text", "image", "samplers", "pipeline", "lora")
 OUT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
                        "golden")
 

@@ -14,6 +14,10 @@ from wan import fs
 from wan.errors import CheckpointError
 
 
+# State entries never written: a LoRA run's frozen base, which a restart reads again.
+UNSAVED = ("base",)
+
+
 class Checkpointer:
   """Saves and restores `{"step", "params", "opt_state"}` states plus the data position."""
 
@@ -30,16 +34,15 @@ class Checkpointer:
 
   def save(self, step: int, state: dict, data_state: dict):
     """Starts an asynchronous save of `state` at `step` (returns before the write finishes)."""
-    saved = state if self._save_optimizer else {k: v for k, v in state.items()
-                                                if k != "opt_state"}
+    saved = self._saved(state)
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(data_state)))
 
   def restore(self, step: int, state_like: dict):
     """(state, data_state) at `step`, placed like `state_like` (arrays or ShapeDtypeStructs with
-    shardings). Without a saved optimizer state, `state_like["opt_state"]` is kept as given."""
-    target = state_like if self._save_optimizer else {k: v for k, v in state_like.items()
-                                                      if k != "opt_state"}
+    shardings). What is not saved (the optimizer state without save_optimizer, a LoRA run's
+    base) is kept as `state_like` gives it."""
+    target = self._saved(state_like)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
     try:
@@ -52,9 +55,13 @@ class Checkpointer:
           f"config, or with save_optimizer={not self._save_optimizer}?). Delete that step's "
           f"directory to resume from an earlier one, or set a new run_name. Cause: {e}") from e
     state = dict(restored["state"])
-    if not self._save_optimizer:
-      state["opt_state"] = state_like["opt_state"]
+    for k in set(state_like) - set(target):
+      state[k] = state_like[k]
     return state, dict(restored["data"])
+
+  def _saved(self, state: dict) -> dict:
+    return {k: v for k, v in state.items()
+            if k not in UNSAVED and (self._save_optimizer or k != "opt_state")}
 
   def wait(self):
     self._manager.wait_until_finished()

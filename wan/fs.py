@@ -127,3 +127,34 @@ def rmtree(path):
 def sibling(path, tag: str) -> str:
   """A new, unused name next to `path` (hidden, with `tag`), for writing before renaming."""
   return join(dirname(path), f".{basename(path)}.{tag}-{uuid.uuid4().hex[:12]}")
+
+
+def write_dir(path, fill):
+  """Writes directory `path` as a whole: `fill(tmp)` writes it under a temporary name next to
+  `path`, which is then renamed into place. An interrupted write leaves an earlier directory at
+  `path` intact and no temporary directory behind."""
+  path = str(path).rstrip("/")
+  makedirs(dirname(path))
+  tmp = sibling(path, "tmp")
+  try:
+    makedirs(tmp)
+    fill(tmp)
+    _swap_in(tmp, path)
+  except BaseException:
+    rmtree(tmp)
+    raise
+
+
+def _swap_in(new: str, path: str):
+  """Renames directory `new` to `path`, replacing (and then deleting) an earlier one there."""
+  if not exists(path):
+    rename(new, path)
+    return
+  old = sibling(path, "old")
+  rename(path, old)
+  try:
+    rename(new, path)
+  except BaseException:
+    rename(old, path)
+    raise
+  rmtree(old)

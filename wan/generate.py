@@ -2,8 +2,10 @@
 
 The model is the config's: a diffusers root (pretrained_model_name_or_path), with the newest
 checkpoint of the run (checkpoint_dir, default {output_dir}/{run_name}/checkpoints) in place of
-its transformer when there is one; the tiny configs use random weights (from `seed`) and the
-built-in tiny encoders. Prompt i is sampled from the noise of seed + i.
+its transformer when there is one (merged into it for a LoRA run, enable_lora=True); the tiny
+configs use random weights (from `seed`) and the built-in tiny encoders. With enable_lora, the
+LoRA files of lora_config are merged first, each at its scale. Prompt i is sampled from the
+noise of seed + i.
 
     samples/<tag>/<i>_<prompt words>.mp4   the video at `fps`
     samples/<tag>/<i>_<prompt words>.png   a contact sheet of its frames
@@ -15,7 +17,7 @@ import re
 import jax
 import numpy as np
 
-from wan import fs, media, pipeline, sharding, transformer
+from wan import fs, lora, media, pipeline, sharding, transformer
 from wan.data import encode
 from wan.errors import BadSample
 from wan.numerics import DTYPES
@@ -58,17 +60,20 @@ def _experts(gen: Generation, mesh) -> dict:
     return {name: transformer.load(gen.weights, dtype, expert=name)[1] for name in names}
   shardings = transformer.shardings(gen.model, mesh)
   init = jax.jit(lambda k: transformer.init(gen.model, k, dtype), out_shardings=shardings)
-  return {name: init(jax.random.fold_in(jax.random.key(gen.sampling.seed), i))
-          for i, name in enumerate(names)}
+  key = jax.random.key(gen.sampling.seed)  # the trained expert's as training draws it
+  return {name: init(key if name == gen.expert else jax.random.fold_in(key, 1))
+          for name in names}
 
 
 def build(gen: Generation, mesh) -> tuple[pipeline.Pipe, str]:
   """(the pipe, its weights' tag): the run's newest checkpoint replaces the expert it trained."""
   experts = _experts(gen, mesh)
+  if gen.lora_loads:  # on the expert the config names (the one for one-expert models)
+    experts[gen.expert] = lora.apply(experts[gen.expert], gen.lora_loads)
   encoders = encode.parts(gen.encoding, "float32", gen.options.weights_dtype)
   pipe = pipeline.assemble(gen.family, gen.model, experts, gen.boundary, encoders, gen.options,
                            mesh)
-  pipe, step = pipeline.with_checkpoint(pipe, gen.checkpoint_dir, gen.expert)
+  pipe, step = pipeline.with_checkpoint(pipe, gen.checkpoint_dir, gen.expert, gen.lora)
   return pipe, "base" if step is None else f"step_{step}"
 
 

@@ -2,7 +2,8 @@
 
 Every linear layer of the transformer and of the text and image encoders goes through `dense`,
 so that later adapters (LoRA, quantization) transform one call instead of copies of layers. A
-dense parameter is `{"kernel": (in..., out...), "bias": (out...)}` (bias optional).
+dense parameter is `{"kernel": (in..., out...), "bias": (out...)}` (bias optional), plus
+`lora_a` (in, r) and `lora_b` (r, out) when wan/lora.py has attached an adapter to it.
 
 The VAE keeps its own convolutions and its L2-normalising RMS norm (a different formula: see
 wan/vae/blocks.py).
@@ -22,6 +23,13 @@ def dense(p, x, *, dtype, precision=None, in_dims: int = 1):
   contract_x = tuple(range(x.ndim - in_dims, x.ndim))
   y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
                           ((contract_x, tuple(range(in_dims))), ((), ())), precision=precision)
+  if "lora_a" in p:  # the low-rank path: no (in, out) product, so no gradient of the kernel
+    if in_dims != 1:
+      raise ValueError("LoRA adapters go on (in, out) kernels only")
+    h = jax.lax.dot_general(x.astype(dtype), p["lora_a"].astype(dtype),
+                            ((contract_x, (0,)), ((), ())), precision=precision)
+    y = y + jax.lax.dot_general(h, p["lora_b"].astype(dtype),
+                                (((h.ndim - 1,), (0,)), ((), ())), precision=precision)
   if "bias" in p:
     y = y + p["bias"].astype(dtype)
   return y

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wan import (checkpoint, conditioning, families, flow, fs, image_encoder, metrics, samplers,
-                 sharding, text_encoder, transformer, vae, video_tokens)
+from wan import (checkpoint, conditioning, families, flow, fs, image_encoder, lora, metrics,
+                 params as params_lib, samplers, sharding, text_encoder, transformer, vae, video_tokens)
 from wan.errors import ConfigError
 from wan.numerics import DTYPES
 from wan.weights import roots
@@ -134,16 +134,29 @@ def load(path, dtype=jnp.float32, *, mesh=None, options=None, checkpoint_dir=Non
   return with_checkpoint(pipe, checkpoint_dir, expert)[0] if checkpoint_dir else pipe
 
 
-def with_checkpoint(pipe: Pipe, directory: str, expert: str = "high_noise"):
+def with_checkpoint(pipe: Pipe, directory: str, expert: str = "high_noise",
+                    adapter: lora.Settings | None = None):
   """(pipe, step): the newest checkpoint of a training run (its checkpoints/ directory) in place
-  of `expert`'s parameters; (pipe, None) when the directory holds none."""
+  of `expert`'s parameters, or, for a LoRA run (`adapter`: the rank, alpha and targets it
+  trained), merged into them; (pipe, None) when the directory holds none."""
   if expert not in pipe.experts:
     raise ConfigError(f"expert={expert!r}: this model has {sorted(pipe.experts)}")
-  found = checkpoint.latest_params(fs.absolute(directory), pipe.experts[expert])
+  current = pipe.experts[expert]
+  if adapter is None:
+    like = current
+  else:
+    decls = lora.declarations(pipe.model, adapter)
+    like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        params_lib.abstract(decls, DTYPES[pipe.options.weights_dtype]),
+                        params_lib.shardings(decls, pipe.mesh))
+  found = checkpoint.latest_params(fs.absolute(directory), like)
   if found is None:
     return pipe, None
-  step, params = found
-  return dataclasses.replace(pipe, experts={**pipe.experts, expert: params}), step
+  step, restored = found
+  if adapter is not None:
+    restored = jax.device_put(lora.merge(current, restored, adapter.scale),
+                              transformer.shardings(pipe.model, pipe.mesh))
+  return dataclasses.replace(pipe, experts={**pipe.experts, expert: restored}), step
 
 
 def assemble(family, model, experts: dict, boundary, encoders: dict, options, mesh,

@@ -13,8 +13,8 @@ import dataclasses
 import math
 import os
 
-from wan import (families, flow, fs, optim, params, plan_data, plan_sample, remat, sharding,
-                 transformer, vae)
+from wan import (families, flow, fs, lora, optim, params, plan_data, plan_lora, plan_sample,
+                 remat, sharding, transformer, vae)
 from wan.data import sources
 from wan.weights import roots as weight_roots
 from wan.weights import transformer as transformer_weights
@@ -40,7 +40,7 @@ ENUMS = {
 
 # Fields of features that later work builds: any value but this one is refused.
 NOT_IMPLEMENTED = {
-    "enable_lora": False, "use_qwix_quantization": False,
+    "use_qwix_quantization": False,
     "enable_single_replica_ckpt_restoring": False, "replicate_vae": False, "from_pt": True,
 }
 
@@ -68,6 +68,7 @@ _SAMPLES = ("job=generate, enable_generate_video_for_eval or enable_ssim",
                 c.enable_generate_video_for_eval or c.enable_ssim)))
 _TRAINING = ("job=train", lambda c: c.job == "train")
 _QWIX = ("use_qwix_quantization=True (not implemented yet)", lambda c: c.use_qwix_quantization)
+_LORA = ("enable_lora=True", lambda c: c.enable_lora)
 _CHECKPOINTS = ("checkpoint_every > 0", lambda c: c.checkpoint_every > 0)
 _CHECKPOINT_DIR = ("checkpoint_every > 0 or job=generate (which reads the newest one)",
                    lambda c: c.checkpoint_every > 0 or c.job == "generate")
@@ -102,7 +103,8 @@ GATED = {
     "sampler": ("unipc", _SAMPLES), "fps": (0.0, _PROMPTS),
     "lora_config": (dict(rank=(64,), lora_model_name_or_path=(), weight_name=(), adapter_name=(),
                          scale=(1.0,), from_pt=()),
-                    ("enable_lora=True (not implemented yet)", lambda c: c.enable_lora)),
+                    _LORA),
+    "lora_alpha": (0.0, _LORA), "lora_targets": (lora.DEFAULT_TARGETS, _LORA),
     "quantization": ("", _QWIX), "weight_quantization_calibration_method": ("absmax", _QWIX),
     "act_quantization_calibration_method": ("absmax", _QWIX),
     "bwd_quantization_calibration_method": ("absmax", _QWIX), "qwix_module_path": (".*", _QWIX),
@@ -190,6 +192,8 @@ class Plan:
   evaluation: plan_sample.Evaluation | None  # in-training evaluation (None: off)
   encoding: plan_data.Encoding | None  # the encoders the eval videos decode and encode with
   boundary: float | None  # Wan 2.2 A14B: the experts' boundary (a sigma)
+  lora: lora.Settings | None  # the adapter trained over a frozen base (None: full fine-tune)
+  lora_loads: tuple[lora.Load, ...]  # LoRA files: the first starts the adapter, others merged
   param_count: int
   param_bytes: int
   param_bytes_per_device: float
@@ -206,10 +210,21 @@ class Plan:
             f"({_size(self.param_bytes)}; {_size(self.param_bytes_per_device)} per device, "
             f"{100 * self.replicated_bytes / self.param_bytes:.2g}% of it whole on every "
             f"device), "
-            f"{'weights from ' + self.weights if self.weights else 'random init'}\n"
+            f"{'weights from ' + self.weights if self.weights else 'random init'}"
+            + self._lora_summary() + "\n"
             f"mesh {self.mesh_shape}, global batch {self.global_batch}, latents "
             f"{f}x{h}x{w}x{c} = {self.seq_len} tokens/sample, {self.num_steps} steps"
             + self._data_summary() + self._eval_summary())
+
+  def _lora_summary(self) -> str:
+    r = self.lora
+    if r is None:
+      return ""
+    trained = params.count(lora.declarations(self.model, r))
+    return (f"\nLoRA rank {r.rank}, alpha {r.alpha:g} on {len(r.targets)} linear layers per "
+            f"block: {trained:,} trained parameters, base frozen" + "".join(f"\n  {'starts from' if i == 0 else 'merged:'} "
+                                           f"{x.path} (scale {x.scale:g})"
+                                           for i, x in enumerate(self.lora_loads)))
 
   def _eval_summary(self) -> str:
     e = self.evaluation
@@ -569,6 +584,14 @@ def _check_writable(field, path):
           f"another {field}")
 
 
+def _lora(c, model) -> tuple[lora.Settings | None, tuple[lora.Load, ...]]:
+  """(the adapter a run trains or its checkpoint holds, the LoRA files to load)."""
+  lc = c.lora_config
+  loads = plan_lora.loads(names(lc.lora_model_name_or_path), names(lc.weight_name),
+                          names(lc.adapter_name), tuple(lc.scale), tuple(lc.from_pt))
+  return plan_lora.settings(c, model), loads
+
+
 def preparation(c) -> plan_data.Preparation:
   """Validates a job=prepare config and returns what it reads and writes (nothing is written)."""
   check(c)
@@ -652,6 +675,7 @@ def make(c, devices) -> Plan:
   else:
     sigma_range = (boundary, 1.0) if c.expert == "high_noise" else (0.0, boundary)
   evaluation = plan_sample.evaluation(c, family, model, vae_cfg, sigma_range)
+  lora_settings, lora_loads = _lora(c, model)
   encoding = None
   if evaluation is not None and (evaluation.videos or evaluation.ssim):
     encoding = data.encoding or plan_data.encoders(c, family, model)
@@ -672,8 +696,9 @@ def make(c, devices) -> Plan:
           weight_decay=c.adam_weight_decay, max_grad_norm=c.max_grad_norm),
       data=data,
       outputs=_outputs(c),
-      evaluation=evaluation, encoding=encoding, boundary=boundary,
-      param_count=params.count(decls), param_bytes=params.nbytes(decls, DTYPES[c.weights_dtype]),
+      evaluation=evaluation, encoding=encoding, boundary=boundary, lora=lora_settings,
+      lora_loads=lora_loads, param_count=params.count(decls),
+      param_bytes=params.nbytes(decls, DTYPES[c.weights_dtype]),
       param_bytes_per_device=per_device, replicated_bytes=whole)
 
 
@@ -693,6 +718,8 @@ class Generation:
   encoding: plan_data.Encoding
   sampling: plan_sample.Sampling
   checkpoint_dir: str  # its newest checkpoint's parameters replace the weights, if it holds one
+  lora: lora.Settings | None  # enable_lora: the adapter a LoRA run's checkpoint holds
+  lora_loads: tuple[lora.Load, ...]  # LoRA files merged into the weights
   samples_dir: str
   jax_cache_dir: str
 
@@ -718,9 +745,11 @@ def generation(c, devices) -> Generation:
   shape = _latent_shape(c, model, vae_cfg)
   _check_tokens(shape, model, ici["context"] * dcn["context"], devices.count)
   out = _outputs(c)
+  lora_settings, lora_loads = _lora(c, model)
   return Generation(family=family, model=model, options=_options(c),
                     root=fs.absolute(c.pretrained_model_name_or_path), weights=weights_path,
                     expert=c.expert, boundary=boundary, ici=ici, dcn=dcn,
                     encoding=plan_data.encoders(c, family, model), sampling=sampling,
-                    checkpoint_dir=out.checkpoint_dir, samples_dir=fs.join(out.run_dir, "samples"),
+                    checkpoint_dir=out.checkpoint_dir, lora=lora_settings,
+                    lora_loads=lora_loads, samples_dir=fs.join(out.run_dir, "samples"),
                     jax_cache_dir=out.jax_cache_dir)

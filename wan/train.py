@@ -3,6 +3,9 @@
 Data flow of one step (all inside one jit with explicit shardings; the state is donated):
   batch (global arrays) + key(seed, step) -> sigma, noise -> x_t -> conditioning.model_inputs
   -> transformer.forward -> velocity loss (optionally bell-weighted) -> grads -> AdamW
+A LoRA run (plan.lora) trains the adapters alone: the state's "params" are the adapters, its
+"base" the frozen transformer (passed through the step, never differentiated nor saved in a
+checkpoint: a restart reads it again), and the forward runs lora.attach(base, adapters).
 Packed batches (pack_sequences=True, wan/data/batch.py) take the same path in token space: one
 sigma per clip, packing.model_inputs, transformer.forward_packed, one loss per clip
 (packing.segment_mean), the mean over the batch's clips.
@@ -21,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wan import (checkpoint, conditioning, data, evaluate, flow, fs, metrics, optim, sharding,
-                 transformer)
+from wan import (checkpoint, conditioning, data, evaluate, flow, fs, lora, metrics, optim,
+                 params as params_lib, sharding, transformer)
 from wan.data import batch as batch_lib
 from wan.data import packing
 from wan.errors import CheckpointError, ConfigError
@@ -39,36 +42,57 @@ class Run:
   state_shardings: dict
 
 
+def trained_declarations(plan: Plan):
+  """The declarations of what the optimizer trains: the transformer, or a LoRA run's adapters."""
+  if plan.lora:
+    return lora.declarations(plan.model, plan.lora)
+  return transformer.declarations(plan.model)
+
+
 def setup(plan: Plan, devices=None) -> Run:
   """The mesh of `plan` on `devices` (default: all) and the shardings of the train state."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = sharding.make_mesh(plan.ici, plan.dcn, devices)
   tx = optim.make(plan.optimizer)
-  param_shardings = transformer.shardings(plan.model, mesh)
-  abstract_params = transformer.abstract(plan.model, DTYPES[plan.options.weights_dtype])
+  decls = trained_declarations(plan)
+  param_shardings = params_lib.shardings(decls, mesh)
+  abstract_params = params_lib.abstract(decls, DTYPES[plan.options.weights_dtype])
   replicated = jax.NamedSharding(mesh, jax.P())
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
       transform_non_params=lambda _: replicated)
   state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+  if plan.lora:
+    state_shardings["base"] = transformer.shardings(plan.model, mesh)
   return Run(plan, mesh, tx, state_shardings)
 
 
 def abstract_state(run: Run) -> dict:
   """ShapeDtypeStructs (with shardings) of the train state: what a checkpoint restores into."""
-  params = transformer.abstract(run.plan.model, DTYPES[run.plan.options.weights_dtype])
+  plan, dtype = run.plan, DTYPES[run.plan.options.weights_dtype]
+  params = params_lib.abstract(trained_declarations(plan), dtype)
   shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
             "opt_state": jax.eval_shape(run.tx.init, params)}
+  if plan.lora:
+    shapes["base"] = transformer.abstract(plan.model, dtype)
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                       run.state_shardings)
+
+
+def model_params(run: Run, state: dict):
+  """The transformer tree the forward runs with: the params, or the base with the adapters."""
+  if run.plan.lora:
+    return lora.attach(state["base"], state["params"], run.plan.lora.scale)
+  return state["params"]
 
 
 def _init_optimizer(run: Run, params):
   return jax.jit(run.tx.init, out_shardings=run.state_shardings["opt_state"])(params)
 
 
-def init_state(run: Run) -> dict:
-  """Step 0: pretrained (or randomly initialised) params and a fresh optimizer state."""
+def _pretrained(run: Run, shardings, merged=()):
+  """The pretrained (or, without weights, randomly initialised) transformer, placed by
+  `shardings`, with the LoRA files `merged` merged in."""
   plan = run.plan
   dtype = DTYPES[plan.options.weights_dtype]
   if plan.weights:
@@ -76,13 +100,37 @@ def init_state(run: Run) -> dict:
     if cfg != plan.model:  # the plan read the same checkpoint's config.json
       raise CheckpointError(f"{plan.weights} changed while the run started: its architecture "
                             f"is now {cfg}, the plan's {plan.model}")
-    p = jax.device_put(host, run.state_shardings["params"])
+    return jax.device_put(lora.apply(host, merged), shardings)
+  p = jax.jit(lambda k: transformer.init(plan.model, k, dtype),
+              out_shardings=shardings)(jax.random.key(plan.seed))
+  return jax.device_put(lora.apply(p, merged), shardings) if merged else p
+
+
+def frozen_base(run: Run):
+  """A LoRA run's frozen transformer: the pretrained one with every LoRA file but the first
+  (which starts the adapter) merged."""
+  return _pretrained(run, run.state_shardings["base"], run.plan.lora_loads[1:])
+
+
+def init_state(run: Run) -> dict:
+  """Step 0: pretrained (or randomly initialised) params and a fresh optimizer state; a LoRA
+  run's adapters start from its first LoRA file or from lora.init."""
+  plan = run.plan
+  state = {}
+  if plan.lora:
+    state["base"] = frozen_base(run)
+    first = plan.lora_loads[0] if plan.lora_loads else None
+    adapters = lora.start(plan.model, plan.lora, jax.random.key(plan.seed),
+                          DTYPES[plan.options.weights_dtype],
+                          lora.load(first.path, first.weight_name) if first else None,
+                          first.scale if first else 1.0)
+    p = jax.device_put(adapters, run.state_shardings["params"])
   else:
-    p = jax.jit(lambda k: transformer.init(plan.model, k, dtype),
-                out_shardings=run.state_shardings["params"])(jax.random.key(plan.seed))
-  opt_state = _init_optimizer(run, p)
-  step = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings["step"])
-  return {"step": step, "params": p, "opt_state": opt_state}
+    p = _pretrained(run, run.state_shardings["params"])
+  state["params"] = p
+  state["opt_state"] = _init_optimizer(run, p)
+  state["step"] = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings["step"])
+  return state
 
 
 def _scope(plan: Plan, name):
@@ -200,13 +248,17 @@ def make_step(run: Run):
 
   def step(state, batch):
     key = jax.random.fold_in(jax.random.key(plan.seed), state["step"])
+    frozen = {"base": state["base"]} if plan.lora else {}
+
+    def loss_of(trained):  # differentiated in the trained params only
+      return loss_fn(model_params(run, {**frozen, "params": trained}), batch, key, plan)
+
     with _scope(plan, "grad"):
-      (loss, sigma), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-          state["params"], batch, key, plan)
+      (loss, sigma), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
     with _scope(plan, "optimizer"):
       updates, opt_state = run.tx.update(grads, state["opt_state"], state["params"])
       new_params = optax.apply_updates(state["params"], updates)
-    new = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    new = {**frozen, "step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
     stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state["step"]), "sigma_mean": sigma.mean()}
     if plan.data.pack:
@@ -316,6 +368,16 @@ def _make_output_dirs(out):
                         f"{field}") from None
 
 
+def save_lora(run: Run, state: dict, step: int) -> str:
+  """Writes the adapters as {run_dir}/lora/<step>/ in the three LoRA formats (process 0 writes;
+  every process takes part in gathering them); returns the directory."""
+  directory = fs.join(run.plan.outputs.run_dir, "lora", str(step))
+  adapters = jax.tree.map(sharding.to_host, state["params"])
+  if jax.process_index() == 0:
+    lora.save(directory, adapters, run.plan.lora.alpha)
+  return directory
+
+
 def train(plan: Plan, devices=None) -> list[float]:
   """Runs (or resumes) training as planned; returns the losses of the steps it ran."""
   out = plan.outputs
@@ -327,8 +389,11 @@ def train(plan: Plan, devices=None) -> list[float]:
     ckpt = checkpoint.Checkpointer(out.checkpoint_dir, out.checkpoints_to_keep,
                                    out.save_optimizer)
     first = ckpt.latest_step() or 0
-  if first:  # restored straight into place: the pretrained weights are not read at all
-    state, data_state = ckpt.restore(first, abstract_state(run))
+  if first:  # restored straight into place: a full fine-tune's pretrained weights are not read
+    like = abstract_state(run)
+    if plan.lora:
+      like["base"] = frozen_base(run)
+    state, data_state = ckpt.restore(first, like)
     if not out.save_optimizer:
       state["opt_state"] = _init_optimizer(run, state["params"])
     it.restore(data_state)
@@ -360,11 +425,13 @@ def train(plan: Plan, devices=None) -> list[float]:
         report(*pending)
         pending = None
       if evaluating:
-        evaluator(done, state["params"])
+        evaluator(done, model_params(run, state))
         report.restart_clock()  # the next step's time leaves the evaluation out
       if due:  # the metrics up to the checkpoint are on disk before it is
         writer.flush()
         ckpt.save(done, state, it.state())
+      if plan.lora and (due or (ckpt is None and done == plan.num_steps)):
+        save_lora(run, state, done)
     if pending is not None:
       report(*pending)
   profiler.stop()

@@ -94,6 +94,15 @@ def read_header(path) -> dict[str, TensorInfo]:
   return _parse_header(path, blob, data_size)
 
 
+def read_metadata(path) -> dict[str, str]:
+  """The `__metadata__` strings of one file's header ({} when it has none)."""
+  path = str(path)
+  blob, _, data_size = _read_header_bytes(path)
+  _parse_header(path, blob, data_size)  # a corrupt header is reported as such
+  metadata = json.loads(blob).get("__metadata__") or {}
+  return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
+
+
 def read_file(path) -> dict[str, np.ndarray]:
   """All tensors of one .safetensors file: read-only memory-mapped arrays for a local file."""
   path = str(path)

@@ -62,6 +62,12 @@ for _ours, _diff, _orig in (("self_attn", "attn1", "self_attn"),
 _LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias"}
 
 
+def block_module_names(module: str) -> tuple[str, str]:
+  """(diffusers name, original Wan name) of a block module ("self_attn/q" -> ("attn1.to_q",
+  "self_attn.q")), without the "blocks.{layer}." prefix."""
+  return _BLOCK[module]
+
+
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
   """A transformer checkpoint as read: where, its architecture (diffusers config.json fields),
@@ -191,32 +197,11 @@ def write(path, architecture: dict, tensors: dict, max_shard_bytes: int = 5 * 2*
   The directory is written next to `path` under a temporary name and renamed into place: an
   interrupted write leaves an earlier model at `path` intact and no temporary directory behind.
   """
-  path = str(path).rstrip("/")
   config = {"_class_name": "WanTransformer3DModel", "_diffusers_version": _DIFFUSERS_VERSION,
             **architecture}
-  fs.makedirs(fs.dirname(path))
-  tmp = fs.sibling(path, "tmp")
-  try:
-    fs.makedirs(tmp)
+
+  def fill(tmp):
     safetensors.write_dir(tmp, tensors, STEM, max_shard_bytes)
     with fs.open_file(fs.join(tmp, "config.json"), "w") as f:
       json.dump(config, f, indent=2)
-    _swap_in(tmp, path)
-  except BaseException:
-    fs.rmtree(tmp)
-    raise
-
-
-def _swap_in(new: str, path: str):
-  """Renames directory `new` to `path`, replacing (and then deleting) an earlier one there."""
-  if not fs.exists(path):
-    fs.rename(new, path)
-    return
-  old = fs.sibling(path, "old")
-  fs.rename(path, old)
-  try:
-    fs.rename(new, path)
-  except BaseException:
-    fs.rename(old, path)
-    raise
-  fs.rmtree(old)
+  fs.write_dir(path, fill)
