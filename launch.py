@@ -2,8 +2,8 @@
 
 Reads an ml_collections config, sets up the process (platform, multi-host cluster, compilation
 cache), plans the run and runs its job: train, prepare (a data set into a cache of encoded
-samples, wan/data/prepare.py) or generate (videos from prompts, wan/generate.py). A config or
-input error is one message on stderr and exit status 2; `--verbose` shows its traceback.
+samples, wan/data/prepare.py), generate (videos from prompts, wan/generate.py) or export (a
+run as a diffusers model root, wan/export.py). A config or input error is one message on stderr and exit status 2; `--verbose` shows its traceback.
 """
 
 import difflib
@@ -128,6 +128,13 @@ def run(c):
     if jax.process_index() == 0:
       print(gen.summary(), flush=True)
     generate.run(gen)
+    return
+  if c.job == "export":
+    from wan import export
+    exp = plan_lib.export(c, plan_lib.Devices.of(jax.devices()))
+    if jax.process_index() == 0:
+      print(exp.summary(), flush=True)
+    export.run(exp)
     return
   from wan import train
   plan = plan_lib.make(c, plan_lib.Devices.of(jax.devices()))

@@ -14,7 +14,7 @@ def get_config():
 
   # Run.
   # train | prepare (encode a data set into a cache, docs/data.md) | generate (videos from
-  # prompts, docs/generation.md)
+  # prompts, docs/generation.md) | export (a run as a diffusers model root, docs/lora.md)
   c.job = "train"
   c.run_name = "wan"
   # Local path (relative to the working directory, ~ allowed) or bucket (gs://...); outputs go
@@ -192,6 +192,12 @@ def get_config():
   c.act_quantization_calibration_method = "absmax"
   c.bwd_quantization_calibration_method = "absmax"
   c.qwix_module_path = ".*"
+
+  # Export (job=export): a run's newest checkpoint as a diffusers model root in export_dir (the
+  # other components copied from pretrained_model_name_or_path); a LoRA run writes its LoRA
+  # files, and with export_merged the transformer with the adapters merged too.
+  c.export_dir = ""
+  c.export_merged = False
 
   # Data preparation (job=prepare): the cache it writes, and records per shard (0: one shard per
   # bucket and process).

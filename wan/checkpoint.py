@@ -95,4 +95,15 @@ def latest_params(directory: str, params_like):
         f"for another model (another config?). Cause: {e}") from e
   finally:
     manager.close()
-  return step, restored["state"]["params"]
+  params = restored["state"]["params"]
+  shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)
+  # A partial restore leaves what the checkpoint does not hold as the placeholders given.
+  missing = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params))
+  if missing or jax.tree.structure(params) != jax.tree.structure(abstract) or shapes(
+      params) != shapes(abstract):
+    raise CheckpointError(
+        f"checkpoint at step {step} in {directory} does not hold these parameters: it was "
+        "written by another model or kind of run (a LoRA run's checkpoint holds its adapters: "
+        "read it with enable_lora=True and the rank and lora_targets it trained with; a full "
+        "fine-tune's with enable_lora=False)")
+  return step, params

@@ -158,3 +158,20 @@ def _swap_in(new: str, path: str):
     rename(old, path)
     raise
   rmtree(old)
+
+
+def copy(src, dst):
+  """Copies file or directory `src` (following links) to a new `dst`, locally or in buckets."""
+  if not is_remote(src) and not is_remote(dst):
+    if os.path.isdir(src):
+      shutil.copytree(src, dst)
+    else:
+      shutil.copyfile(src, dst)
+    return
+  if not isdir(src):
+    with open_file(src, "rb") as fin, open_file(dst, "wb") as fout:
+      shutil.copyfileobj(fin, fout)
+    return
+  makedirs(dst)
+  for name in listdir(src):
+    copy(join(src, name), join(dst, name))

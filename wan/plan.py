@@ -34,7 +34,7 @@ ENUMS = {
     "lr_schedule": optim.SCHEDULES,
     "hardware": ("tpu", "gpu", "cpu"),
     "dataset_type": ("synthetic", "tfrecord", "hf", "tf", "grain"),
-    "job": ("train", "prepare", "generate"),
+    "job": ("train", "prepare", "generate", "export"),
     "frame_extraction": sources.FRAME_EXTRACTIONS,
 }
 
@@ -70,8 +70,8 @@ _TRAINING = ("job=train", lambda c: c.job == "train")
 _QWIX = ("use_qwix_quantization=True (not implemented yet)", lambda c: c.use_qwix_quantization)
 _LORA = ("enable_lora=True", lambda c: c.enable_lora)
 _CHECKPOINTS = ("checkpoint_every > 0", lambda c: c.checkpoint_every > 0)
-_CHECKPOINT_DIR = ("checkpoint_every > 0 or job=generate (which reads the newest one)",
-                   lambda c: c.checkpoint_every > 0 or c.job == "generate")
+_CHECKPOINT_DIR = ("checkpoint_every > 0 or job=generate / export (which read the newest one)",
+                   lambda c: c.checkpoint_every > 0 or c.job in ("generate", "export"))
 _PROFILER = ("enable_profiler=True", lambda c: c.enable_profiler)
 
 # Fields that matter only when another field turns them on: (value when off, (what turns them
@@ -105,6 +105,11 @@ GATED = {
                          scale=(1.0,), from_pt=()),
                     _LORA),
     "lora_alpha": (0.0, _LORA), "lora_targets": (lora.DEFAULT_TARGETS, _LORA),
+    "enable_lora": (False, ("job=train, generate or export",
+                            lambda c: c.job in ("train", "generate", "export"))),
+    "export_dir": ("", ("job=export", lambda c: c.job == "export")),
+    "export_merged": (False, ("job=export and enable_lora=True (a LoRA run's merged model)",
+                              lambda c: c.job == "export" and c.enable_lora)),
     "quantization": ("", _QWIX), "weight_quantization_calibration_method": ("absmax", _QWIX),
     "act_quantization_calibration_method": ("absmax", _QWIX),
     "bwd_quantization_calibration_method": ("absmax", _QWIX), "qwix_module_path": (".*", _QWIX),
@@ -753,3 +758,54 @@ def generation(c, devices) -> Generation:
                     checkpoint_dir=out.checkpoint_dir, lora=lora_settings,
                     lora_loads=lora_loads, samples_dir=fs.join(out.run_dir, "samples"),
                     jax_cache_dir=out.jax_cache_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class Export:
+  """A job=export run: a training run's newest checkpoint as a diffusers model root."""
+  family: families.Family
+  model: transformer.Config
+  options: transformer.Options
+  root: str  # the base model root whose other components are copied ("" = none)
+  weights: str  # the base transformer (a LoRA run's frozen base; "" = random init from seed)
+  expert: str  # the expert the run trained (Wan 2.2 A14B)
+  seed: int
+  ici: dict
+  dcn: dict
+  checkpoint_dir: str
+  export_dir: str
+  merged: bool  # a LoRA run: also the transformer with the adapters merged
+  lora: lora.Settings | None
+  lora_loads: tuple[lora.Load, ...]
+
+  def summary(self) -> str:
+    what = ("LoRA files" + (" and the merged transformer" if self.merged else "")
+            if self.lora else "the transformer")
+    rest = (f", the other components from {self.root}" if self.root else
+            " (no pretrained_model_name_or_path root: no other components)")
+    return (f"export {self.family.name} from {self.checkpoint_dir}: {what}{rest}\n"
+            f"to {self.export_dir}")
+
+
+def export(c, devices) -> Export:
+  """Validates a job=export config for `devices` and returns what it writes (nothing is read
+  but config files and headers)."""
+  if not isinstance(devices, Devices):
+    devices = Devices.of(devices)
+  family, _, weights_path, model, _, ici, dcn = _model_and_mesh(c, devices, "export")
+  if not c.export_dir:
+    _fail("job=export writes a model root to export_dir: set export_dir")
+  export_dir = fs.absolute(c.export_dir)
+  if fs.exists(export_dir) and (not fs.isdir(export_dir) or fs.listdir(export_dir)):
+    _fail(f"export_dir {export_dir} already exists and is not empty; choose a new directory "
+          "(an export never overwrites files)")
+  _check_writable("export_dir", export_dir)
+  root = fs.absolute(c.pretrained_model_name_or_path)
+  if root and weight_roots.model_index(root) is None:
+    _fail(f"pretrained_model_name_or_path={root} is not a diffusers model root "
+          "(model_index.json): export copies its other components; use the diffusers root")
+  lora_settings, lora_loads = _lora(c, model)
+  return Export(family=family, model=model, options=_options(c), root=root,
+                weights=weights_path, expert=c.expert, seed=int(c.seed), ici=ici, dcn=dcn,
+                checkpoint_dir=_outputs(c).checkpoint_dir, export_dir=export_dir,
+                merged=bool(c.export_merged), lora=lora_settings, lora_loads=lora_loads)

@@ -1,0 +1,74 @@
+"""job=export: a training run's newest checkpoint as a diffusers model root.
+
+    export_dir/transformer/    the trained transformer (transformer_2/ for the Wan 2.2 A14B
+                               low-noise expert; the other expert is copied from the root)
+    export_dir/...             every other entry of the base root (vae/, text_encoder/,
+                               tokenizer/, scheduler/, image_encoder/, image_processor/,
+                               model_index.json with its boundary_ratio), copied
+    export_dir/lora/           a LoRA run's adapters in the three formats (wan/weights/lora.py);
+                               alone, or with export_merged beside the root above whose
+                               transformer is the base with the adapters merged
+The directory is written under a temporary name and renamed when complete. Diffusers'
+`WanPipeline.from_pretrained(export_dir)` loads it (docs/lora.md says how this was checked).
+"""
+
+import jax
+
+from wan import checkpoint, fs, lora, params as params_lib, sharding, transformer
+from wan.errors import MissingFile
+from wan.numerics import DTYPES
+from wan.plan import Export
+
+_TRANSFORMERS = {"high_noise": "transformer", "low_noise": "transformer_2"}
+
+
+def _restore(exp: Export, mesh):
+  """(step, host tree) of the run's newest checkpoint: the transformer, or a LoRA run's
+  adapters."""
+  dtype = DTYPES[exp.options.weights_dtype]
+  decls = (lora.declarations(exp.model, exp.lora) if exp.lora
+           else transformer.declarations(exp.model))
+  like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      params_lib.abstract(decls, dtype), params_lib.shardings(decls, mesh))
+  found = checkpoint.latest_params(exp.checkpoint_dir, like)
+  if found is None:
+    raise MissingFile(f"{exp.checkpoint_dir} holds no training checkpoint to export; train "
+                      "first, or set checkpoint_dir to the run's checkpoints")
+  step, restored = found
+  return step, jax.tree.map(sharding.to_host, restored)
+
+
+def _base(exp: Export):
+  """A LoRA run's frozen base on the host, as training built it."""
+  dtype = DTYPES[exp.options.weights_dtype]
+  if exp.weights:
+    base = transformer.load(exp.weights, dtype, expert=exp.expert)[1]
+  else:
+    base = jax.device_get(transformer.init(exp.model, jax.random.key(exp.seed), dtype))
+  return lora.apply(base, exp.lora_loads[1:])
+
+
+def run(exp: Export) -> str:
+  """Writes the export (process 0; every process takes part in reading the checkpoint)."""
+  mesh = sharding.make_mesh(exp.ici, exp.dcn)
+  step, restored = _restore(exp, mesh)
+  model = None
+  if exp.lora is None:
+    model = restored
+  elif exp.merged:
+    model = lora.merge(_base(exp), restored, exp.lora.scale)
+  if jax.process_index() != 0:
+    return exp.export_dir
+  mine = _TRANSFORMERS[exp.expert]
+
+  def fill(tmp):
+    if model is not None:
+      for name in fs.listdir(exp.root) if exp.root else ():
+        if name != mine:  # the other A14B expert and every other component, as they are
+          fs.copy(fs.join(exp.root, name), fs.join(tmp, name))
+      transformer.save(fs.join(tmp, mine), exp.model, model)
+    if exp.lora is not None:
+      lora.save(fs.join(tmp, "lora"), restored, exp.lora.alpha)
+  fs.write_dir(exp.export_dir, fill)
+  print(f"exported step {step} to {exp.export_dir}", flush=True)
+  return exp.export_dir
