@@ -27,7 +27,10 @@ def get_config():
   c.model_name = "wan2.1"  # wan2.1 | wan2.2
   c.model_type = "T2V"  # T2V | I2V
   c.model_preset = "wan2.1-t2v-14b"  # a wan.transformer.PRESETS name: architecture and family
-  c.expert = "high_noise"  # Wan 2.2 A14B: which expert this run trains (high_noise | low_noise)
+  # Wan 2.2 A14B: the expert this run trains: high_noise | low_noise | both (each step trains
+  # the expert of its noise level; learning_rate_low_noise: the low-noise one's, 0: learning_rate)
+  c.expert = "high_noise"
+  c.learning_rate_low_noise = 0.0
   c.boundary = 0.0  # A14B: sigma where the experts hand over (0 = model_index.json's / family's)
   c.weights_dtype = "bfloat16"
   c.activations_dtype = "bfloat16"

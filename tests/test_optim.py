@@ -51,8 +51,24 @@ def test_clipped_adamw_matches_numpy(clip):
   tx = optim.make(optim.Settings(learning_rate=0.1, max_grad_norm=clip))
   params = {"w": jnp.zeros(4)}
   state, got = tx.init(params), []
-  for g in grads:
-    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+  for step, g in enumerate(grads):
+    updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params, step=step)
     params = optax.apply_updates(params, updates)
     got.append(np.asarray(params["w"]))
   np.testing.assert_allclose(got, _adam_numpy(grads, clip), rtol=1e-5, atol=1e-7)
+
+
+def test_adamw_follows_the_run_step_and_equals_optax_adamw():
+  s = optim.Settings(learning_rate=LR, schedule="cosine", warmup_steps=WARMUP, schedule_steps=TOTAL,
+                     weight_decay=0.1)
+  ours, theirs = optim.make(s), optax.adamw(optim.schedule(s), weight_decay=0.1)
+  params = {"w": jnp.arange(4.0)}
+  a, b = ours.init(params), theirs.init(params)
+  for step in range(15):
+    g = {"w": jnp.sin(jnp.arange(4.0) + step)}
+    ua, a = ours.update(g, a, params, step=step)
+    ub, b = theirs.update(g, b, params)
+    np.testing.assert_allclose(ua["w"], ub["w"], rtol=1e-6, atol=1e-12)
+  # Only the step given sets the rate: an optimizer updated on steps 40.. of a run decays there.
+  late, _ = ours.update(g, ours.init(params), params, step=TOTAL)
+  np.testing.assert_array_equal(late["w"], 0.0)

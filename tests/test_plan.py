@@ -257,8 +257,11 @@ def test_a14b_experts_split_sigma_at_the_boundary():
   assert _plan(wan22_t2v, expert="low_noise").flow.sigma_range == (0.0, 0.875)
   assert _plan(wan22_t2v, boundary=0.5).flow.sigma_range == (0.5, 1.0)
   assert _plan(wan22_i2v).flow.sigma_range == (0.9, 1.0)
-  with pytest.raises(ConfigError, match="expert='both'"):
-    _plan(wan22_t2v, expert="both")
+  both = _plan(wan22_t2v, expert="both")  # each step draws its expert's side
+  assert both.flow.sigma_range == (0.0, 1.0) and both.boundary == 0.875
+  assert both.param_count == 2 * _plan(wan22_t2v).param_count
+  with pytest.raises(ConfigError, match="expert='all' is not one of"):
+    _plan(wan22_t2v, expert="all")
 
 
 def _a14b_root(tmp_path, boundary_ratio):

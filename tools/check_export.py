@@ -7,7 +7,7 @@ tools/make_golden.py, plus peft; run it outside the repository root, e.g. from /
 `WanPipeline.from_pretrained(EXPORT_DIR)` loads every component (both experts and the
 boundary_ratio for Wan 2.2 A14B) and generates a short clip. With a lora/ folder (a LoRA run
 exported with export_merged) and `--base` (the root the run trained from), each of its three
-files is loaded with `pipe.load_lora_weights` into the base and must generate what the merged
+files (of each expert, lora/high_noise/ and lora/low_noise/ for an expert=both run) is loaded with `pipe.load_lora_weights` into the base and must generate what the merged
 export generates.
 `--latents` stops at the latents (output_type="latent"), for the tests' tiny roots whose VAE
 has other latent channels than their transformer. Prints one line per run; exits non-zero on
@@ -47,9 +47,17 @@ def main(argv):
     sys.exit(1)
   lora_dir = os.path.join(root, "lora")
   if os.path.isdir(lora_dir) and base_root:
+    # An expert=both run: lora/high_noise/ into transformer, lora/low_noise/ into transformer_2.
+    both = os.path.isdir(os.path.join(lora_dir, "high_noise"))
     for name in FILES:
       pipe = WanPipeline.from_pretrained(base_root, torch_dtype=torch.float32)
-      pipe.load_lora_weights(lora_dir, weight_name=name, adapter_name="trained")
+      if both:
+        pipe.load_lora_weights(os.path.join(lora_dir, "high_noise"), weight_name=name,
+                               adapter_name="trained")
+        pipe.load_lora_weights(os.path.join(lora_dir, "low_noise"), weight_name=name,
+                               adapter_name="trained_2", load_into_transformer_2=True)
+      else:
+        pipe.load_lora_weights(lora_dir, weight_name=name, adapter_name="trained")
       out = _generate(pipe, latents_only)
       err = float(np.abs(out - base).max() / np.abs(base).max())
       print(f"  base + lora/{name} vs the merged export: relative difference {err:.3g}")

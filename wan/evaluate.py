@@ -90,8 +90,14 @@ class Evaluator:
   # -------------------------------------------------------------------------------- timesteps
 
   def _batch_losses(self, params, batch, sigma, ids):
-    noise = clip_noise(self._plan.seed, ids, batch["latents"].shape[1:])
-    return self._sample_losses(params, batch, sigma, noise, self._plan, weighted=False)
+    plan = self._plan
+    noise = clip_noise(plan.seed, ids, batch["latents"].shape[1:])
+    if plan.expert != "both":
+      return self._sample_losses(params, batch, sigma, noise, plan, weighted=False)
+    # expert=both: each sample's loss from the expert of its noise level.
+    high, low = (self._sample_losses(params[name], batch, sigma, noise, plan, weighted=False)
+                 for name in ("high_noise", "low_noise"))
+    return jnp.where(sigma >= plan.boundary, high, low)
 
   def timestep_losses(self, params) -> dict:
     """{eval/loss_t<t>: mean, ..., eval/loss: mean of those} over the planned pairs."""
@@ -130,8 +136,8 @@ class Evaluator:
     plan, s = self._plan, self._eval.sampling
     encoders = encode.parts(plan.encoding, "float32", plan.options.weights_dtype)
     experts = {}
-    other = {"high_noise": "low_noise", "low_noise": "high_noise"}[plan.expert]
-    if plan.family.experts and plan.weights:
+    other = {"high_noise": "low_noise", "low_noise": "high_noise", "both": None}[plan.expert]
+    if plan.family.experts and plan.weights and other:
       experts[other] = transformer.load(plan.weights, DTYPES[plan.options.weights_dtype],
                                         expert=other)[1]
     pipe = pipeline.assemble(plan.family, plan.model, experts, plan.boundary, encoders,
@@ -143,6 +149,8 @@ class Evaluator:
     return dataclasses.replace(pipe, text_params=None), prompts, negative
 
   def _with(self, params) -> pipeline.Pipe:
+    if self._plan.expert == "both":  # params: {expert: tree}
+      return dataclasses.replace(self._pipe, experts=dict(params))
     experts = dict(self._pipe.experts, **{self._plan.expert: params})
     if self._plan.family.experts and len(experts) == 1:
       experts = {"high_noise": params, "low_noise": params}

@@ -1,11 +1,13 @@
 """job=export: a training run's newest checkpoint as a diffusers model root.
 
     export_dir/transformer/    the trained transformer (transformer_2/ for the Wan 2.2 A14B
-                               low-noise expert; the other expert is copied from the root)
+                               low-noise expert; the other expert is copied from the root, or
+                               written too by an expert=both run)
     export_dir/...             every other entry of the base root (vae/, text_encoder/,
                                tokenizer/, scheduler/, image_encoder/, image_processor/,
                                model_index.json with its boundary_ratio), copied
-    export_dir/lora/           a LoRA run's adapters in the three formats (wan/weights/lora.py);
+    export_dir/lora/           a LoRA run's adapters in the three formats (wan/weights/lora.py;
+                               expert=both: lora/high_noise/ and lora/low_noise/);
                                alone, or with export_merged beside the root above whose
                                transformer is the base with the adapters merged
 The directory is written under a temporary name and renamed when complete. Diffusers'
@@ -14,7 +16,7 @@ The directory is written under a temporary name and renamed when complete. Diffu
 
 import jax
 
-from wan import checkpoint, fs, lora, params as params_lib, sharding, transformer
+from wan import checkpoint, experts, fs, lora, params as params_lib, sharding, transformer
 from wan.errors import MissingFile
 from wan.numerics import DTYPES
 from wan.plan import Export
@@ -23,52 +25,59 @@ _TRANSFORMERS = {"high_noise": "transformer", "low_noise": "transformer_2"}
 
 
 def _restore(exp: Export, mesh):
-  """(step, host tree) of the run's newest checkpoint: the transformer, or a LoRA run's
-  adapters."""
+  """(step, {expert: host tree}) of the run's newest checkpoint: the transformer, or a LoRA
+  run's adapters, of each expert it trained."""
   dtype = DTYPES[exp.options.weights_dtype]
   decls = (lora.declarations(exp.model, exp.lora) if exp.lora
            else transformer.declarations(exp.model))
-  like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      params_lib.abstract(decls, dtype), params_lib.shardings(decls, mesh))
+  one = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                     params_lib.abstract(decls, dtype), params_lib.shardings(decls, mesh))
+  like = {name: one for name in experts.held(exp.expert)} if exp.expert == "both" else one
   found = checkpoint.latest_params(exp.checkpoint_dir, like)
   if found is None:
     raise MissingFile(f"{exp.checkpoint_dir} holds no training checkpoint to export; train "
                       "first, or set checkpoint_dir to the run's checkpoints")
   step, restored = found
-  return step, jax.tree.map(sharding.to_host, restored)
+  restored = jax.tree.map(sharding.to_host, restored)
+  return step, restored if exp.expert == "both" else {exp.expert: restored}
 
 
-def _base(exp: Export):
-  """A LoRA run's frozen base on the host, as training built it."""
+def _base(exp: Export, expert: str):
+  """A LoRA run's frozen base of one expert on the host, as training built it."""
   dtype = DTYPES[exp.options.weights_dtype]
   if exp.weights:
-    base = transformer.load(exp.weights, dtype, expert=exp.expert)[1]
+    base = transformer.load(exp.weights, dtype, expert=expert)[1]
   else:
-    base = jax.device_get(transformer.init(exp.model, jax.random.key(exp.seed), dtype))
-  return lora.apply(base, exp.lora_loads[1:])
+    base = jax.device_get(transformer.init(
+        exp.model, experts.init_key(exp.seed, exp.expert, expert), dtype))
+  return lora.apply(base, experts.lora_loads(exp.lora_loads[1:], exp.expert, expert))
 
 
 def run(exp: Export) -> str:
   """Writes the export (process 0; every process takes part in reading the checkpoint)."""
   mesh = sharding.make_mesh(exp.ici, exp.dcn)
   step, restored = _restore(exp, mesh)
-  model = None
+  models = {}
   if exp.lora is None:
-    model = restored
+    models = restored
   elif exp.merged:
-    model = lora.merge(_base(exp), restored, exp.lora.scale)
+    models = {name: lora.merge(_base(exp, name), restored[name], exp.lora.scale)
+              for name in restored}
   if jax.process_index() != 0:
     return exp.export_dir
-  mine = _TRANSFORMERS[exp.expert]
+  folders = {_TRANSFORMERS[name] for name in models}
 
   def fill(tmp):
-    if model is not None:
+    if models:
       for name in fs.listdir(exp.root) if exp.root else ():
-        if name != mine:  # the other A14B expert and every other component, as they are
+        if name not in folders:  # the other A14B expert and every other component, as they are
           fs.copy(fs.join(exp.root, name), fs.join(tmp, name))
-      transformer.save(fs.join(tmp, mine), exp.model, model)
+      for name, model in models.items():
+        transformer.save(fs.join(tmp, _TRANSFORMERS[name]), exp.model, model)
     if exp.lora is not None:
-      lora.save(fs.join(tmp, "lora"), restored, exp.lora.alpha)
+      for name, adapters in restored.items():
+        lora.save(fs.join(tmp, "lora", *((name,) if exp.expert == "both" else ())), adapters,
+                  exp.lora.alpha)
   fs.write_dir(exp.export_dir, fill)
   print(f"exported step {step} to {exp.export_dir}", flush=True)
   return exp.export_dir

@@ -17,7 +17,7 @@ import re
 import jax
 import numpy as np
 
-from wan import fs, lora, media, pipeline, sharding, transformer
+from wan import experts, fs, lora, media, pipeline, sharding, transformer
 from wan.data import encode
 from wan.errors import BadSample
 from wan.numerics import DTYPES
@@ -52,7 +52,7 @@ def read_image(path: str) -> np.ndarray:
   return image[..., :3].astype(np.uint8)
 
 
-def _experts(gen: Generation, mesh) -> dict:
+def _weights(gen: Generation, mesh) -> dict:
   """The transformer weights: the root's (both experts for Wan 2.2 A14B) or a random init."""
   dtype = DTYPES[gen.options.weights_dtype]
   names = ("high_noise", "low_noise") if gen.family.experts else ("high_noise",)
@@ -60,18 +60,17 @@ def _experts(gen: Generation, mesh) -> dict:
     return {name: transformer.load(gen.weights, dtype, expert=name)[1] for name in names}
   shardings = transformer.shardings(gen.model, mesh)
   init = jax.jit(lambda k: transformer.init(gen.model, k, dtype), out_shardings=shardings)
-  key = jax.random.key(gen.sampling.seed)  # the trained expert's as training draws it
-  return {name: init(key if name == gen.expert else jax.random.fold_in(key, 1))
-          for name in names}
+  return {name: init(experts.init_key(gen.sampling.seed, gen.expert, name)) for name in names}
 
 
 def build(gen: Generation, mesh) -> tuple[pipeline.Pipe, str]:
   """(the pipe, its weights' tag): the run's newest checkpoint replaces the expert it trained."""
-  experts = _experts(gen, mesh)
-  if gen.lora_loads:  # on the expert the config names (the one for one-expert models)
-    experts[gen.expert] = lora.apply(experts[gen.expert], gen.lora_loads)
+  weights = _weights(gen, mesh)
+  for name in experts.held(gen.expert):  # on the expert(s) the config names
+    weights[name] = lora.apply(weights[name], experts.lora_loads(gen.lora_loads, gen.expert,
+                                                                  name))
   encoders = encode.parts(gen.encoding, "float32", gen.options.weights_dtype)
-  pipe = pipeline.assemble(gen.family, gen.model, experts, gen.boundary, encoders, gen.options,
+  pipe = pipeline.assemble(gen.family, gen.model, weights, gen.boundary, encoders, gen.options,
                            mesh)
   pipe, step = pipeline.with_checkpoint(pipe, gen.checkpoint_dir, gen.expert, gen.lora)
   return pipe, "base" if step is None else f"step_{step}"

@@ -1,7 +1,13 @@
-"""AdamW with global-norm clipping and a warmup-then-decay learning-rate schedule."""
+"""AdamW with global-norm clipping and a warmup-then-decay learning-rate schedule.
+
+The learning rate is read at the run's global step, passed to `update` (`step=`), not at a count
+of the optimizer's own: the two experts of a Wan 2.2 A14B run each update only on their steps,
+and both follow the one schedule of the run.
+"""
 
 import dataclasses
 
+import jax
 import optax
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -36,9 +42,23 @@ def schedule(s: Settings):
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
 
 
-def make(s: Settings) -> optax.GradientTransformation:
-  """The optimizer: clip (if max_grad_norm > 0), then AdamW."""
-  adamw = optax.adamw(schedule(s), b1=s.b1, b2=s.b2, eps=s.eps, weight_decay=s.weight_decay)
-  if s.max_grad_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(s.max_grad_norm), adamw)
-  return adamw
+def _scale_by_schedule_at_step(lr_schedule) -> optax.GradientTransformationExtraArgs:
+  """updates * -lr_schedule(step), `step` given to update (the run's step, from 0)."""
+  def init(params):
+    del params
+    return optax.EmptyState()
+
+  def update(updates, state, params=None, *, step, **extra):
+    del params, extra
+    lr = lr_schedule(step)
+    return jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates), state
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def make(s: Settings) -> optax.GradientTransformationExtraArgs:
+  """The optimizer: clip (if max_grad_norm > 0), then AdamW (optax.adamw's order: Adam's
+  direction, plus weight decay, times the learning rate). update(grads, state, params, step=)."""
+  parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm > 0 else []
+  parts += [optax.scale_by_adam(b1=s.b1, b2=s.b2, eps=s.eps),
+            optax.add_decayed_weights(s.weight_decay), _scale_by_schedule_at_step(schedule(s))]
+  return optax.chain(*parts)

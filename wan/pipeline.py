@@ -137,26 +137,32 @@ def load(path, dtype=jnp.float32, *, mesh=None, options=None, checkpoint_dir=Non
 def with_checkpoint(pipe: Pipe, directory: str, expert: str = "high_noise",
                     adapter: lora.Settings | None = None):
   """(pipe, step): the newest checkpoint of a training run (its checkpoints/ directory) in place
-  of `expert`'s parameters, or, for a LoRA run (`adapter`: the rank, alpha and targets it
-  trained), merged into them; (pipe, None) when the directory holds none."""
-  if expert not in pipe.experts:
-    raise ConfigError(f"expert={expert!r}: this model has {sorted(pipe.experts)}")
-  current = pipe.experts[expert]
+  of `expert`'s parameters (expert="both": of both Wan 2.2 A14B experts, as an expert=both run
+  saves them), or, for a LoRA run (`adapter`: the rank, alpha and targets it trained), merged
+  into them; (pipe, None) when the directory holds none."""
+  names = ("high_noise", "low_noise") if expert == "both" else (expert,)
+  for name in names:
+    if name not in pipe.experts:
+      raise ConfigError(f"expert={expert!r}: this model has {sorted(pipe.experts)}")
   if adapter is None:
-    like = current
+    like_one = pipe.experts.__getitem__
   else:
     decls = lora.declarations(pipe.model, adapter)
-    like = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        params_lib.abstract(decls, DTYPES[pipe.options.weights_dtype]),
-                        params_lib.shardings(decls, pipe.mesh))
+    adapters = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            params_lib.abstract(decls, DTYPES[pipe.options.weights_dtype]),
+                            params_lib.shardings(decls, pipe.mesh))
+    like_one = lambda _: adapters
+  like = {n: like_one(n) for n in names} if expert == "both" else like_one(expert)
   found = checkpoint.latest_params(fs.absolute(directory), like)
   if found is None:
     return pipe, None
   step, restored = found
+  restored = restored if expert == "both" else {expert: restored}
   if adapter is not None:
-    restored = jax.device_put(lora.merge(current, restored, adapter.scale),
-                              transformer.shardings(pipe.model, pipe.mesh))
-  return dataclasses.replace(pipe, experts={**pipe.experts, expert: restored}), step
+    restored = {n: jax.device_put(lora.merge(pipe.experts[n], restored[n], adapter.scale),
+                                  transformer.shardings(pipe.model, pipe.mesh))
+                for n in names}
+  return dataclasses.replace(pipe, experts={**pipe.experts, **restored}), step
 
 
 def assemble(family, model, experts: dict, boundary, encoders: dict, options, mesh,

@@ -24,7 +24,7 @@ from wan.numerics import DTYPES, PRECISIONS
 ENUMS = {
     "model_name": ("wan2.1", "wan2.2"),
     "model_type": ("T2V", "I2V"),
-    "expert": ("high_noise", "low_noise"),
+    "expert": ("high_noise", "low_noise", "both"),
     "weights_dtype": tuple(DTYPES),
     "activations_dtype": tuple(DTYPES),
     "precision": tuple(PRECISIONS),
@@ -108,6 +108,7 @@ GATED = {
     "enable_lora": (False, ("job=train, generate or export",
                             lambda c: c.job in ("train", "generate", "export"))),
     "export_dir": ("", ("job=export", lambda c: c.job == "export")),
+    "learning_rate_low_noise": (0.0, ("expert=both", lambda c: c.expert == "both")),
     "export_merged": (False, ("job=export and enable_lora=True (a LoRA run's merged model)",
                               lambda c: c.job == "export" and c.enable_lora)),
     "quantization": ("", _QWIX), "weight_quantization_calibration_method": ("absmax", _QWIX),
@@ -191,7 +192,8 @@ class Plan:
   seq_len: int  # transformer tokens per sample
   num_steps: int
   flow: flow.Settings
-  optimizer: optim.Settings
+  optimizer: optim.Settings  # expert=both: the high-noise expert's
+  optimizer_low_noise: optim.Settings | None  # expert=both: the low-noise expert's
   data: DataSettings
   outputs: Outputs
   evaluation: plan_sample.Evaluation | None  # in-training evaluation (None: off)
@@ -211,7 +213,10 @@ class Plan:
   def summary(self) -> str:
     """A few lines for the start of a run's log."""
     f, h, w, c = self.latent_shape
-    return (f"model {self.family.name}, {self.param_count:,} parameters "
+    both = (f" (both experts, the one of each step's noise level trained; boundary "
+            f"{self.boundary:g}, learning rates {self.optimizer.learning_rate:g} / "
+            f"{self.optimizer_low_noise.learning_rate:g})" if self.expert == "both" else "")
+    return (f"model {self.family.name}{both}, {self.param_count:,} parameters "
             f"({_size(self.param_bytes)}; {_size(self.param_bytes_per_device)} per device, "
             f"{100 * self.replicated_bytes / self.param_bytes:.2g}% of it whole on every "
             f"device), "
@@ -327,6 +332,8 @@ def check(c):
 def _check_ranges(c):
   rules = [
       ("learning_rate", c.learning_rate > 0, "> 0"),
+      ("learning_rate_low_noise", c.learning_rate_low_noise >= 0,
+       ">= 0 (0: learning_rate)"),
       ("adam_b1", 0 <= c.adam_b1 < 1, "in [0, 1)"),
       ("adam_b2", 0 <= c.adam_b2 < 1, "in [0, 1)"),
       ("adam_eps", c.adam_eps > 0, "> 0"),
@@ -387,7 +394,7 @@ def _family(c) -> families.Family:
           f"({family.name}) is {'/'.join(family.model_types)} only; set "
           f"model_type={family.model_types[0]} or use a {c.model_type} config")
   if not family.experts:
-    if c.expert != "high_noise":
+    if c.expert != "high_noise":  # low_noise or both
       _fail(f"expert={c.expert} applies only to the two-expert Wan 2.2 A14B models "
             f"(configs/wan22_t2v.py, configs/wan22_i2v.py); {family.name} has one")
     if c.boundary:
@@ -402,7 +409,8 @@ def _architecture(c, family, weights_path: str, latent_channels: int):
   boundary = family.boundary
   if weights_path:
     arch = transformer.Config.from_diffusers(
-        transformer_weights.read_architecture(weights_path, c.expert))
+        transformer_weights.read_architecture(  # both experts have one architecture
+            weights_path, "high_noise" if c.expert == "both" else c.expert))
     index = weight_roots.model_index(weights_path)
     if index is not None:
       ratio = index.get("boundary_ratio")
@@ -675,12 +683,18 @@ def make(c, devices) -> Plan:
   per_device, whole = _place_parameters(decls, mesh_shape, DTYPES[c.weights_dtype])
   schedule_steps = (num_steps if c.learning_rate_schedule_steps < 0
                     else int(c.learning_rate_schedule_steps))
-  if boundary is None:
+  if boundary is None or c.expert == "both":  # both: each step draws its expert's side
     sigma_range = (0.0, 1.0)
   else:
     sigma_range = (boundary, 1.0) if c.expert == "high_noise" else (0.0, boundary)
+  experts = 2 if c.expert == "both" else 1
   evaluation = plan_sample.evaluation(c, family, model, vae_cfg, sigma_range)
   lora_settings, lora_loads = _lora(c, model)
+  optimizer = optim.Settings(
+      learning_rate=c.learning_rate * (global_batch if c.scale_lr else 1),
+      schedule=c.lr_schedule, warmup_steps=int(c.warmup_steps_fraction * schedule_steps),
+      schedule_steps=schedule_steps, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps,
+      weight_decay=c.adam_weight_decay, max_grad_norm=c.max_grad_norm)
   encoding = None
   if evaluation is not None and (evaluation.videos or evaluation.ssim):
     encoding = data.encoding or plan_data.encoders(c, family, model)
@@ -694,17 +708,16 @@ def make(c, devices) -> Plan:
                          logit_std=c.logit_std, shift=c.flow_shift, sigma_range=sigma_range,
                          bell_weighting=not c.disable_training_weights,
                          caption_dropout=c.caption_dropout),
-      optimizer=optim.Settings(
-          learning_rate=c.learning_rate * (global_batch if c.scale_lr else 1),
-          schedule=c.lr_schedule, warmup_steps=int(c.warmup_steps_fraction * schedule_steps),
-          schedule_steps=schedule_steps, b1=c.adam_b1, b2=c.adam_b2, eps=c.adam_eps,
-          weight_decay=c.adam_weight_decay, max_grad_norm=c.max_grad_norm),
+      optimizer=optimizer,
+      optimizer_low_noise=(dataclasses.replace(optimizer, learning_rate=(
+          c.learning_rate_low_noise or c.learning_rate) * (global_batch if c.scale_lr else 1))
+                           if c.expert == "both" else None),
       data=data,
       outputs=_outputs(c),
       evaluation=evaluation, encoding=encoding, boundary=boundary, lora=lora_settings,
-      lora_loads=lora_loads, param_count=params.count(decls),
-      param_bytes=params.nbytes(decls, DTYPES[c.weights_dtype]),
-      param_bytes_per_device=per_device, replicated_bytes=whole)
+      lora_loads=lora_loads, param_count=experts * params.count(decls),
+      param_bytes=experts * params.nbytes(decls, DTYPES[c.weights_dtype]),
+      param_bytes_per_device=experts * per_device, replicated_bytes=experts * whole)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wan import (checkpoint, conditioning, data, evaluate, flow, fs, lora, metrics, optim,
-                 params as params_lib, sharding, transformer)
+from wan import (checkpoint, conditioning, data, evaluate, experts, flow, fs, lora, metrics,
+                 optim, params as params_lib, sharding, transformer)
 from wan.data import batch as batch_lib
 from wan.data import packing
 from wan.errors import CheckpointError, ConfigError
@@ -33,83 +33,136 @@ from wan.numerics import DTYPES
 from wan.plan import Plan
 
 
+EXPERTS = experts.EXPERTS
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """What a run fixes before its first step: plan, mesh, optimizer and state shardings."""
+  """What a run fixes before its first step: plan, mesh, optimizer and state shardings.
+
+  An expert=both run (Wan 2.2 A14B) keeps a tree per expert ({"high_noise": ...,
+  "low_noise": ...}) wherever a one-expert run keeps one: params, opt_state, base, and tx."""
   plan: Plan
   mesh: jax.sharding.Mesh
-  tx: optax.GradientTransformation
+  tx: optax.GradientTransformation | dict
   state_shardings: dict
 
 
+def per_expert(plan: Plan, make):
+  """make(expert) for a one-expert run; {expert: make(expert)} for expert=both."""
+  if plan.expert == "both":
+    return {name: make(name) for name in EXPERTS}
+  return make(plan.expert)
+
+
 def trained_declarations(plan: Plan):
-  """The declarations of what the optimizer trains: the transformer, or a LoRA run's adapters."""
+  """The declarations of what one expert's optimizer trains: the transformer, or a LoRA run's
+  adapters."""
   if plan.lora:
     return lora.declarations(plan.model, plan.lora)
   return transformer.declarations(plan.model)
+
+
+def _optimizer(plan: Plan, expert: str):
+  if expert == "low_noise" and plan.optimizer_low_noise is not None:
+    return optim.make(plan.optimizer_low_noise)
+  return optim.make(plan.optimizer)
 
 
 def setup(plan: Plan, devices=None) -> Run:
   """The mesh of `plan` on `devices` (default: all) and the shardings of the train state."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = sharding.make_mesh(plan.ici, plan.dcn, devices)
-  tx = optim.make(plan.optimizer)
   decls = trained_declarations(plan)
   param_shardings = params_lib.shardings(decls, mesh)
   abstract_params = params_lib.abstract(decls, DTYPES[plan.options.weights_dtype])
   replicated = jax.NamedSharding(mesh, jax.P())
-  opt_shardings = optax.tree_map_params(
-      tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
-      transform_non_params=lambda _: replicated)
-  state_shardings = {"step": replicated, "params": param_shardings, "opt_state": opt_shardings}
+  txs = {name: _optimizer(plan, name) for name in EXPERTS}
+  opt_shardings = per_expert(plan, lambda name: optax.tree_map_params(
+      txs[name], lambda _, s: s, jax.eval_shape(txs[name].init, abstract_params),
+      param_shardings, transform_non_params=lambda _: replicated))
+  tx = per_expert(plan, txs.get)
+  state_shardings = {"step": replicated, "params": per_expert(plan, lambda _: param_shardings),
+                     "opt_state": opt_shardings}
   if plan.lora:
-    state_shardings["base"] = transformer.shardings(plan.model, mesh)
+    base_shardings = transformer.shardings(plan.model, mesh)
+    state_shardings["base"] = per_expert(plan, lambda _: base_shardings)
   return Run(plan, mesh, tx, state_shardings)
+
+
+def _tx(run: Run, expert: str):
+  return run.tx[expert] if isinstance(run.tx, dict) else run.tx
+
+
+def _of(run: Run, tree, expert: str):
+  """One expert's part of a per-expert tree (the tree itself for a one-expert run)."""
+  return tree[expert] if run.plan.expert == "both" else tree
 
 
 def abstract_state(run: Run) -> dict:
   """ShapeDtypeStructs (with shardings) of the train state: what a checkpoint restores into."""
   plan, dtype = run.plan, DTYPES[run.plan.options.weights_dtype]
   params = params_lib.abstract(trained_declarations(plan), dtype)
-  shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
-            "opt_state": jax.eval_shape(run.tx.init, params)}
+  shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32),
+            "params": per_expert(plan, lambda _: params),
+            "opt_state": per_expert(plan, lambda name: jax.eval_shape(_tx(run, name).init,
+                                                                       params))}
   if plan.lora:
-    shapes["base"] = transformer.abstract(plan.model, dtype)
+    shapes["base"] = per_expert(plan, lambda _: transformer.abstract(plan.model, dtype))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                       run.state_shardings)
 
 
+def _model_of(plan: Plan, trained, base):
+  if plan.lora:
+    return lora.attach(base, trained, plan.lora.scale)
+  return trained
+
+
 def model_params(run: Run, state: dict):
-  """The transformer tree the forward runs with: the params, or the base with the adapters."""
-  if run.plan.lora:
-    return lora.attach(state["base"], state["params"], run.plan.lora.scale)
-  return state["params"]
+  """The transformer tree the forward runs with: the params, or the base with the adapters
+  ({expert: tree} for expert=both)."""
+  return per_expert(run.plan, lambda name: _model_of(
+      run.plan, _of(run, state["params"], name),
+      _of(run, state["base"], name) if run.plan.lora else None))
 
 
 def _init_optimizer(run: Run, params):
-  return jax.jit(run.tx.init, out_shardings=run.state_shardings["opt_state"])(params)
+  return jax.jit(lambda p: per_expert(run.plan, lambda name: _tx(run, name).init(
+      _of(run, p, name))), out_shardings=run.state_shardings["opt_state"])(params)
 
 
-def _pretrained(run: Run, shardings, merged=()):
-  """The pretrained (or, without weights, randomly initialised) transformer, placed by
+def _pretrained(run: Run, expert: str, shardings, merged=()):
+  """One expert's pretrained (or, without weights, randomly initialised) transformer, placed by
   `shardings`, with the LoRA files `merged` merged in."""
   plan = run.plan
   dtype = DTYPES[plan.options.weights_dtype]
   if plan.weights:
-    cfg, host = transformer.load(plan.weights, dtype, expert=plan.expert)
+    cfg, host = transformer.load(plan.weights, dtype, expert=expert)
     if cfg != plan.model:  # the plan read the same checkpoint's config.json
       raise CheckpointError(f"{plan.weights} changed while the run started: its architecture "
                             f"is now {cfg}, the plan's {plan.model}")
     return jax.device_put(lora.apply(host, merged), shardings)
-  p = jax.jit(lambda k: transformer.init(plan.model, k, dtype),
-              out_shardings=shardings)(jax.random.key(plan.seed))
+  p = jax.jit(lambda k: transformer.init(plan.model, k, dtype), out_shardings=shardings)(
+      experts.init_key(plan.seed, plan.expert, expert))
   return jax.device_put(lora.apply(p, merged), shardings) if merged else p
 
 
 def frozen_base(run: Run):
-  """A LoRA run's frozen transformer: the pretrained one with every LoRA file but the first
+  """A LoRA run's frozen transformer(s): the pretrained one with every LoRA file but the first
   (which starts the adapter) merged."""
-  return _pretrained(run, run.state_shardings["base"], run.plan.lora_loads[1:])
+  return per_expert(run.plan, lambda name: _pretrained(
+      run, name, _of(run, run.state_shardings["base"], name),
+      experts.lora_loads(run.plan.lora_loads[1:], run.plan.expert, name)))
+
+
+def _start_adapter(run: Run, expert: str):
+  plan = run.plan
+  first = experts.lora_loads(plan.lora_loads[:1], plan.expert, expert)
+  return lora.start(plan.model, plan.lora, experts.init_key(plan.seed, plan.expert, expert),
+                    DTYPES[plan.options.weights_dtype],
+                    lora.load(first[0].path, first[0].weight_name) if first else None,
+                    first[0].scale if first else 1.0)
 
 
 def init_state(run: Run) -> dict:
@@ -119,14 +172,11 @@ def init_state(run: Run) -> dict:
   state = {}
   if plan.lora:
     state["base"] = frozen_base(run)
-    first = plan.lora_loads[0] if plan.lora_loads else None
-    adapters = lora.start(plan.model, plan.lora, jax.random.key(plan.seed),
-                          DTYPES[plan.options.weights_dtype],
-                          lora.load(first.path, first.weight_name) if first else None,
-                          first.scale if first else 1.0)
-    p = jax.device_put(adapters, run.state_shardings["params"])
+    p = jax.device_put(per_expert(plan, lambda name: _start_adapter(run, name)),
+                       run.state_shardings["params"])
   else:
-    p = _pretrained(run, run.state_shardings["params"])
+    p = per_expert(plan, lambda name: _pretrained(
+        run, name, _of(run, run.state_shardings["params"], name)))
   state["params"] = p
   state["opt_state"] = _init_optimizer(run, p)
   state["step"] = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings["step"])
@@ -137,16 +187,17 @@ def _scope(plan: Plan, name):
   return jax.named_scope(name) if plan.outputs.named_scopes else contextlib.nullcontext()
 
 
-def draw(key, plan: Plan, shape, sigma_shape=None):
+def draw(key, plan: Plan, shape, sigma_shape=None, sigma_range=None):
   """The step's randomness for latents (or packed tokens) of `shape`: (sigma, noise of `shape`,
   caption drop (bool, like sigma) or None, dropout key). sigma_shape: one noise level per
-  entry, default (B,) (one per sample; packed batches: (B, K), one per clip)."""
+  entry, default (B,) (one per sample; packed batches: (B, K), one per clip). sigma_range:
+  the noise levels drawn from (default the plan's; expert=both: the step's expert's side)."""
   sigma_key, noise_key, caption_key, dropout_key = jax.random.split(key, 4)
   sigma_shape = tuple(shape[:1] if sigma_shape is None else sigma_shape)
   f = plan.flow
   sigma = flow.sample_sigmas(sigma_key, math.prod(sigma_shape), sampling=f.sampling,
                              mean=f.logit_mean, std=f.logit_std, flow_shift=f.shift,
-                             sigma_range=f.sigma_range).reshape(sigma_shape)
+                             sigma_range=sigma_range or f.sigma_range).reshape(sigma_shape)
   noise = jax.random.normal(noise_key, shape, jnp.float32)
   drop = (jax.random.bernoulli(caption_key, f.caption_dropout, sigma_shape)
           if f.caption_dropout > 0 else None)
@@ -229,38 +280,79 @@ def packed_flow_loss(p, batch: dict, sigma, noise, plan: Plan, *, drop=None, dro
     return jnp.sum(jnp.where(counted, per_segment, 0.0)) / jnp.maximum(counted.sum(), 1)
 
 
-def loss_fn(p, batch: dict, key, plan: Plan):
-  """The training loss of one global batch with the randomness of `key`: (loss, sigma)."""
+def loss_fn(p, batch: dict, key, plan: Plan, sigma_range=None):
+  """The training loss of one global batch with the randomness of `key`: (loss, sigma).
+  sigma_range: see `draw`."""
   if plan.data.pack:
     shape = batch["tokens"].shape
     sigma, noise, drop, dropout_key = draw(key, plan, shape,
-                                           (shape[0], batch["segment_grid"].shape[1]))
+                                           (shape[0], batch["segment_grid"].shape[1]),
+                                           sigma_range)
     return packed_flow_loss(p, batch, sigma, noise, plan, drop=drop,
                             dropout_key=dropout_key), sigma
-  sigma, noise, drop, dropout_key = draw(key, plan, batch["latents"].shape)
+  sigma, noise, drop, dropout_key = draw(key, plan, batch["latents"].shape,
+                                         sigma_range=sigma_range)
   return flow_loss(p, batch, sigma, noise, plan, drop=drop, dropout_key=dropout_key), sigma
 
 
+def _high_noise_step(key, plan: Plan):
+  """expert=both: whether this step trains the high-noise expert, by one noise level drawn from
+  the whole distribution (so each expert trains on its share of the steps)."""
+  f = plan.flow
+  sigma = flow.sample_sigmas(jax.random.fold_in(key, 1), 1, sampling=f.sampling,
+                             mean=f.logit_mean, std=f.logit_std, flow_shift=f.shift)
+  return sigma[0] >= plan.boundary
+
+
 def make_step(run: Run):
-  """The jitted train step: (state, batch) -> (state, metrics); the state is donated."""
+  """The jitted train step: (state, batch) -> (state, metrics); the state is donated.
+
+  expert=both: one expert per step (`_high_noise_step`), every sample of the batch at a noise
+  level on its side of the boundary; a lax.cond runs that expert's forward, backward and
+  optimizer update only, and the other expert's parameters and optimizer state are kept."""
   plan = run.plan
-  schedule = optim.schedule(plan.optimizer)
+
+  def update(state, batch, key, expert, sigma_range=None):
+    """One expert's (params, opt_state, loss, sigma, grads) after its step."""
+    trained, opt_state = _of(run, state["params"], expert), _of(run, state["opt_state"], expert)
+    base = _of(run, state["base"], expert) if plan.lora else None
+
+    def loss_of(p):  # differentiated in the trained params only
+      return loss_fn(_model_of(plan, p, base), batch, key, plan, sigma_range)
+
+    with _scope(plan, "grad"):
+      (loss, sigma), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+    with _scope(plan, "optimizer"):
+      updates, opt_state = _tx(run, expert).update(grads, opt_state, trained,
+                                                   step=state["step"])
+      trained = optax.apply_updates(trained, updates)
+    return trained, opt_state, loss, sigma, optax.tree.norm(grads)
 
   def step(state, batch):
     key = jax.random.fold_in(jax.random.key(plan.seed), state["step"])
-    frozen = {"base": state["base"]} if plan.lora else {}
-
-    def loss_of(trained):  # differentiated in the trained params only
-      return loss_fn(model_params(run, {**frozen, "params": trained}), batch, key, plan)
-
-    with _scope(plan, "grad"):
-      (loss, sigma), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-    with _scope(plan, "optimizer"):
-      updates, opt_state = run.tx.update(grads, state["opt_state"], state["params"])
-      new_params = optax.apply_updates(state["params"], updates)
-    new = {**frozen, "step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
-    stats = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state["step"]), "sigma_mean": sigma.mean()}
+    new = dict(state, step=state["step"] + 1)
+    stats = {}
+    if plan.expert == "both":
+      high = _high_noise_step(key, plan)
+      b = plan.boundary
+      params, opt_state, loss, sigma, grad_norm = jax.lax.cond(
+          high, lambda: update(state, batch, key, "high_noise", (b, 1.0)),
+          lambda: update(state, batch, key, "low_noise", (0.0, b)))
+      pick = lambda new_tree, old_tree, trained: jax.tree.map(  # the other keeps its values
+          lambda a, b: jnp.where(trained, a, b), new_tree, old_tree)
+      new["params"] = {"high_noise": pick(params, state["params"]["high_noise"], high),
+                       "low_noise": pick(params, state["params"]["low_noise"], ~high)}
+      new["opt_state"] = {"high_noise": pick(opt_state, state["opt_state"]["high_noise"], high),
+                          "low_noise": pick(opt_state, state["opt_state"]["low_noise"], ~high)}
+      lr = jnp.where(high, optim.schedule(plan.optimizer)(state["step"]),
+                     optim.schedule(plan.optimizer_low_noise)(state["step"]))
+      stats["expert_high"] = high
+    else:
+      new["params"], new["opt_state"], loss, sigma, grad_norm = update(
+          state, batch, key, plan.expert)
+      lr = optim.schedule(plan.optimizer)(state["step"])
+    stats.update({"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
+                  "sigma_mean": sigma.mean()})
     if plan.data.pack:
       clips = batch["segment_grid"][..., 0] > 0
       stats["sigma_mean"] = jnp.sum(jnp.where(clips, sigma, 0.0)) / jnp.maximum(clips.sum(), 1)
@@ -338,6 +430,9 @@ class _Reporter:
     now = time.perf_counter()
     elapsed, self._last = now - self._last, now
     grids = stats.pop("segment_grid", None)
+    if "expert_high" in stats:  # expert=both: the loss under the name of the expert it trained
+      expert = "high_noise" if stats.pop("expert_high") else "low_noise"
+      stats[f"loss_{expert}"] = stats["loss"]
     self.losses.append(float(stats["loss"]))
     plan = self._plan
     if (step + 1) % plan.outputs.log_every == 0 or step + 1 == plan.num_steps:
@@ -369,12 +464,17 @@ def _make_output_dirs(out):
 
 
 def save_lora(run: Run, state: dict, step: int) -> str:
-  """Writes the adapters as {run_dir}/lora/<step>/ in the three LoRA formats (process 0 writes;
-  every process takes part in gathering them); returns the directory."""
+  """Writes the adapters as {run_dir}/lora/<step>/ in the three LoRA formats (expert=both: one
+  folder per expert in it; process 0 writes, every process takes part in gathering them);
+  returns the directory."""
   directory = fs.join(run.plan.outputs.run_dir, "lora", str(step))
   adapters = jax.tree.map(sharding.to_host, state["params"])
   if jax.process_index() == 0:
-    lora.save(directory, adapters, run.plan.lora.alpha)
+    if run.plan.expert == "both":  # <step>/high_noise/ and <step>/low_noise/
+      for name in EXPERTS:
+        lora.save(fs.join(directory, name), adapters[name], run.plan.lora.alpha)
+    else:
+      lora.save(directory, adapters, run.plan.lora.alpha)
   return directory
 
 
