@@ -150,3 +150,23 @@ def test_an_a14b_expert_is_evaluated_on_its_side_of_the_boundary():
   c.update(eval_every=5, timestep_eval=True, eval_data_dir="/x")
   with pytest.raises(ConfigError, match=r"timesteps_list has \[125, .*outside the 875..1000"):
     plan.make(c, jax.devices())
+
+
+def test_both_experts_take_each_timestep_from_its_expert(cache, tmp_path):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  c = wan22_t2v.get_config("tiny")
+  c.update(_fields(cache, tmp_path, expert="both", timesteps_list=(250, 900)))
+  p = plan.make(c, jax.devices())
+  run = train.setup(p)
+  both = train.model_params(run, train.init_state(run))
+  writer = metrics.Writer(str(tmp_path), p.num_steps, write_files=False)
+  got = evaluate.Evaluator(p, run.mesh, writer, train.sample_losses).timestep_losses(both)
+  alone = {name: evaluate.Evaluator(dataclasses.replace(p, expert=name), run.mesh, writer,
+                                    train.sample_losses).timestep_losses(both[name])
+           for name in ("high_noise", "low_noise")}
+  assert p.boundary == 0.875
+  np.testing.assert_allclose(got["eval/loss_t900"], alone["high_noise"]["eval/loss_t900"],
+                             rtol=1e-6)
+  np.testing.assert_allclose(got["eval/loss_t250"], alone["low_noise"]["eval/loss_t250"],
+                             rtol=1e-6)
+  assert alone["high_noise"]["eval/loss_t250"] != alone["low_noise"]["eval/loss_t250"]
