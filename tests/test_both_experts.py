@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import wan22_t2v
-from tests.test_export import _root
+from tests import pipeline_roots
 from wan import data, export, generate, lora, plan, train, transformer
 from wan.errors import ConfigError
 
@@ -68,7 +68,7 @@ def test_metrics_carry_both_losses_and_resume_is_exact(tmp_path):
 
 
 def test_lora_both_writes_files_per_expert_and_exports_both(tmp_path):
-  root = _root(tmp_path, two_experts=True)
+  root = pipeline_roots.tiny_root(tmp_path, two_experts=True)
   c = _tiny(enable_lora=True, max_train_steps=6, checkpoint_every=6, output_dir=str(tmp_path),
             pretrained_model_name_or_path=root)
   c.lora_config.rank = (4,)

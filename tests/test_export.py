@@ -5,7 +5,6 @@ That diffusers loads and runs such roots was checked with tools/check_export.py 
 """
 
 import filecmp
-import json
 import os
 
 import jax
@@ -13,34 +12,10 @@ import numpy as np
 import pytest
 
 from configs import wan21_t2v, wan22_t2v
+from tests import pipeline_roots
 from tests.conftest import GOLDEN_DIR
-from tests.pipeline_roots import PIPELINES
 from wan import checkpoint, export, lora, plan, train, transformer
 from wan.errors import ConfigError, MissingFile
-
-
-def _root(directory, two_experts: bool) -> str:
-  """A tiny diffusers root for the tiny configs: their transformer (tests/golden/transformer_t2v,
-  twice for A14B) and the pipeline goldens' other components (whose VAE has 4 latent channels,
-  not the 16 of the transformer: an export copies it, and diffusers' check stops at latents)."""
-  root = os.path.join(str(directory), "root")
-  os.makedirs(root)
-  parts = {"transformer": os.path.join(GOLDEN_DIR, "transformer_t2v"),
-           "text_encoder": os.path.join(PIPELINES, "components", "text_encoder"),
-           "tokenizer": os.path.join(PIPELINES, "components", "tokenizer"),
-           "vae": os.path.join(PIPELINES, "components", "vae21"),
-           "scheduler": os.path.join(PIPELINES, "a14b", "scheduler")}
-  if two_experts:
-    parts["transformer_2"] = parts["transformer"]
-  for name, source in parts.items():
-    os.symlink(source, os.path.join(root, name))
-  with open(os.path.join(PIPELINES, "a14b", "model_index.json")) as f:
-    index = json.load(f)
-  if not two_experts:
-    del index["transformer_2"], index["boundary_ratio"]
-  with open(os.path.join(root, "model_index.json"), "w") as f:
-    json.dump(index, f)
-  return root
 
 
 def _config(module, root, out, **fields):
@@ -68,7 +43,7 @@ def _on_one_device(tree):
 
 
 def test_full_fine_tune_of_the_low_noise_expert_exports_a_whole_root(tmp_path):
-  root = _root(tmp_path, two_experts=True)
+  root = pipeline_roots.tiny_root(tmp_path, two_experts=True)
   c = _config(wan22_t2v, root, tmp_path, expert="low_noise")
   _train(c)
   out = _export(c, tmp_path / "export")
@@ -87,7 +62,7 @@ def test_full_fine_tune_of_the_low_noise_expert_exports_a_whole_root(tmp_path):
 
 
 def test_lora_run_exports_its_files_and_the_merged_transformer(tmp_path):
-  root = _root(tmp_path, two_experts=False)
+  root = pipeline_roots.tiny_root(tmp_path, two_experts=False)
   c = _config(wan21_t2v, root, tmp_path, enable_lora=True)
   c.lora_config.rank = (4,)
   _train(c)
@@ -105,7 +80,7 @@ def test_lora_run_exports_its_files_and_the_merged_transformer(tmp_path):
 
 
 def test_export_refusals(tmp_path):
-  root = _root(tmp_path, two_experts=False)
+  root = pipeline_roots.tiny_root(tmp_path, two_experts=False)
   c = _config(wan21_t2v, root, tmp_path)
   with pytest.raises(MissingFile, match="holds no training checkpoint"):
     _export(c, tmp_path / "e1")
