@@ -139,7 +139,6 @@ def test_gcs_metrics_must_agree_with_output_dir(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, error", [
-    ("use_qwix_quantization", True, NotImplementedYet),
     ("replicate_vae", True, NotImplementedYet), ("from_pt", False, NotImplementedYet)])
 def test_features_not_built_yet_refuse_other_values(field, value, error):
   with pytest.raises(error, match=f"{field}=.* is not implemented yet"):

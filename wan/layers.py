@@ -3,7 +3,8 @@
 Every linear layer of the transformer and of the text and image encoders goes through `dense`,
 so that later adapters (LoRA, quantization) transform one call instead of copies of layers. A
 dense parameter is `{"kernel": (in..., out...), "bias": (out...)}` (bias optional), plus
-`lora_a` (in, r) and `lora_b` (r, out) when wan/lora.py has attached an adapter to it.
+`lora_a` (in, r) and `lora_b` (r, out) when wan/lora.py has attached an adapter to it, and
+an empty `qt` (or a qwix QArray kernel) when wan/quant.py has selected it for quantization.
 
 The VAE keeps its own convolutions and its L2-normalising RMS norm (a different formula: see
 wan/vae/blocks.py).
@@ -12,17 +13,24 @@ wan/vae/blocks.py).
 import jax
 import jax.numpy as jnp
 
+from wan import quant as quant_lib
 
-def dense(p, x, *, dtype, precision=None, in_dims: int = 1):
+
+def dense(p, x, *, dtype, precision=None, in_dims: int = 1, quant=None):
   """x (..., *in) @ kernel (*in, *out) + bias (*out), computed in `dtype`.
 
   `in_dims` is the number of trailing dimensions of x (leading of the kernel) contracted: 1 for
-  a (D, F) matrix, 2 for a (H, Dh, D) attention output projection.
+  a (D, F) matrix, 2 for a (H, Dh, D) attention output projection. quant: a wan.quant.Settings;
+  a layer wan/quant.py has marked or stored quantized then runs through qwix.
   """
   kernel = p["kernel"]
   contract_x = tuple(range(x.ndim - in_dims, x.ndim))
-  y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype),
-                          ((contract_x, tuple(range(in_dims))), ((), ())), precision=precision)
+  dimension_numbers = ((contract_x, tuple(range(in_dims))), ((), ()))
+  if quant is not None and ("qt" in p or quant_lib.is_stored(kernel)):
+    y = quant_lib.dot(x, kernel, dimension_numbers, quant, dtype)
+  else:
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), dimension_numbers,
+                            precision=precision)
   if "lora_a" in p:  # the low-rank path: no (in, out) product, so no gradient of the kernel
     if in_dims != 1:
       raise ValueError("LoRA adapters go on (in, out) kernels only")

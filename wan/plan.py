@@ -14,7 +14,7 @@ import math
 import os
 
 from wan import (families, flow, fs, lora, optim, params, plan_data, plan_lora, plan_sample,
-                 remat, sharding, transformer, vae)
+                 quant, remat, sharding, transformer, vae)
 from wan.data import sources
 from wan.weights import roots as weight_roots
 from wan.weights import transformer as transformer_weights
@@ -40,7 +40,6 @@ ENUMS = {
 
 # Fields of features that later work builds: any value but this one is refused.
 NOT_IMPLEMENTED = {
-    "use_qwix_quantization": False,
     "enable_single_replica_ckpt_restoring": False, "replicate_vae": False, "from_pt": True,
 }
 
@@ -67,7 +66,7 @@ _SAMPLES = ("job=generate, enable_generate_video_for_eval or enable_ssim",
             lambda c: c.job == "generate" or (c.job == "train" and (
                 c.enable_generate_video_for_eval or c.enable_ssim)))
 _TRAINING = ("job=train", lambda c: c.job == "train")
-_QWIX = ("use_qwix_quantization=True (not implemented yet)", lambda c: c.use_qwix_quantization)
+_QWIX = ("use_qwix_quantization=True", lambda c: c.use_qwix_quantization)
 _LORA = ("enable_lora=True", lambda c: c.enable_lora)
 _CHECKPOINTS = ("checkpoint_every > 0", lambda c: c.checkpoint_every > 0)
 _CHECKPOINT_DIR = ("checkpoint_every > 0 or job=generate / export (which read the newest one)",
@@ -113,7 +112,12 @@ GATED = {
                               lambda c: c.job == "export" and c.enable_lora)),
     "quantization": ("", _QWIX), "weight_quantization_calibration_method": ("absmax", _QWIX),
     "act_quantization_calibration_method": ("absmax", _QWIX),
-    "bwd_quantization_calibration_method": ("absmax", _QWIX), "qwix_module_path": (".*", _QWIX),
+    "bwd_quantization_calibration_method": ("absmax", (
+        "use_qwix_quantization=True with quantization=fp8_full (the one mode quantizing the "
+        "backward)", lambda c: c.use_qwix_quantization and c.quantization == "fp8_full")),
+    "qwix_module_path": (".*", _QWIX),
+    "use_qwix_quantization": (False, ("job=train (quantized sampling is not built yet)",
+                                      lambda c: c.job == "train")),
     "checkpoint_dir": ("", _CHECKPOINT_DIR), "checkpoints_to_keep": (3, _CHECKPOINTS),
     "save_optimizer": (True, _CHECKPOINTS),
     "skip_first_n_steps_for_profiler": (5, _PROFILER), "profiler_steps": (10, _PROFILER),
@@ -430,7 +434,22 @@ def _architecture(c, family, weights_path: str, latent_channels: int):
   return arch, (c.boundary or boundary)
 
 
-def _options(c) -> transformer.Options:
+def _quantization(c, model) -> quant.Settings | None:
+  if not c.use_qwix_quantization:
+    return None
+  if c.quantization not in quant.MODES:
+    _fail(f"use_qwix_quantization=True needs quantization = {_listing(quant.MODES)}; got "
+          f"{c.quantization!r}")
+  try:
+    return quant.Settings(c.quantization, c.weight_quantization_calibration_method,
+                          c.act_quantization_calibration_method,
+                          c.bwd_quantization_calibration_method,
+                          quant.targets(transformer.declarations(model), c.qwix_module_path))
+  except ValueError as e:
+    _fail(str(e))
+
+
+def _options(c, model) -> transformer.Options:
   try:
     return transformer.Options(
         weights_dtype=c.weights_dtype, activations_dtype=c.activations_dtype,
@@ -440,7 +459,8 @@ def _options(c) -> transformer.Options:
         split_head_dim=c.split_head_dim, attention_sharding_uniform=c.attention_sharding_uniform,
         mask_padding_tokens=c.mask_padding_tokens, scan_layers=c.scan_layers,
         remat_policy=c.remat_policy, names_which_can_be_saved=names(c.names_which_can_be_saved),
-        names_which_can_be_offloaded=names(c.names_which_can_be_offloaded), dropout=c.dropout)
+        names_which_can_be_offloaded=names(c.names_which_can_be_offloaded), dropout=c.dropout,
+        quantization=_quantization(c, model))
   except ValueError as e:
     _fail(str(e))
 
@@ -654,7 +674,7 @@ def make(c, devices) -> Plan:
   if not isinstance(devices, Devices):
     devices = Devices.of(devices)
   family, vae_cfg, weights_path, model, boundary, ici, dcn = _model_and_mesh(c, devices, "train")
-  options = _options(c)
+  options = _options(c, model)
   mesh_shape = {a: ici[a] * dcn[a] for a in sharding.MESH_AXES}
   latent_shape = _latent_shape(c, model, vae_cfg)
   global_batch = _batch(c, devices, mesh_shape)
@@ -764,7 +784,7 @@ def generation(c, devices) -> Generation:
   _check_tokens(shape, model, ici["context"] * dcn["context"], devices.count)
   out = _outputs(c)
   lora_settings, lora_loads = _lora(c, model)
-  return Generation(family=family, model=model, options=_options(c),
+  return Generation(family=family, model=model, options=_options(c, model),
                     root=fs.absolute(c.pretrained_model_name_or_path), weights=weights_path,
                     expert=c.expert, boundary=boundary, ici=ici, dcn=dcn,
                     encoding=plan_data.encoders(c, family, model), sampling=sampling,
@@ -818,7 +838,7 @@ def export(c, devices) -> Export:
     _fail(f"pretrained_model_name_or_path={root} is not a diffusers model root "
           "(model_index.json): export copies its other components; use the diffusers root")
   lora_settings, lora_loads = _lora(c, model)
-  return Export(family=family, model=model, options=_options(c), root=root,
+  return Export(family=family, model=model, options=_options(c, model), root=root,
                 weights=weights_path, expert=c.expert, seed=int(c.seed), ici=ici, dcn=dcn,
                 checkpoint_dir=_outputs(c).checkpoint_dir, export_dir=export_dir,
                 merged=bool(c.export_merged), lora=lora_settings, lora_loads=lora_loads)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from wan import (checkpoint, conditioning, data, evaluate, experts, flow, fs, lora, metrics,
-                 optim, params as params_lib, sharding, transformer)
+                 optim, params as params_lib, quant, sharding, transformer)
 from wan.data import batch as batch_lib
 from wan.data import packing
 from wan.errors import CheckpointError, ConfigError
@@ -86,8 +86,18 @@ def setup(plan: Plan, devices=None) -> Run:
                      "opt_state": opt_shardings}
   if plan.lora:
     base_shardings = transformer.shardings(plan.model, mesh)
+    q = plan.options.quantization
+    if q is not None:  # the frozen base stored quantized
+      base_shardings = quant.shardings(base_shardings, _abstract_base(plan))
     state_shardings["base"] = per_expert(plan, lambda _: base_shardings)
   return Run(plan, mesh, tx, state_shardings)
+
+
+def _abstract_base(plan: Plan):
+  """A LoRA run's frozen base as the state holds it (quantized kernels with qwix)."""
+  base = transformer.abstract(plan.model, DTYPES[plan.options.weights_dtype])
+  q = plan.options.quantization
+  return base if q is None else jax.eval_shape(lambda p: quant.quantize(p, q), base)
 
 
 def _tx(run: Run, expert: str):
@@ -108,14 +118,16 @@ def abstract_state(run: Run) -> dict:
             "opt_state": per_expert(plan, lambda name: jax.eval_shape(_tx(run, name).init,
                                                                        params))}
   if plan.lora:
-    shapes["base"] = per_expert(plan, lambda _: transformer.abstract(plan.model, dtype))
+    shapes["base"] = per_expert(plan, lambda _: _abstract_base(plan))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
                       run.state_shardings)
 
 
 def _model_of(plan: Plan, trained, base):
-  if plan.lora:
+  if plan.lora:  # a quantized base's kernels are QArrays: layers.dense quantizes for them
     return lora.attach(base, trained, plan.lora.scale)
+  if plan.options.quantization is not None:  # quantization-aware training
+    return quant.mark(trained, plan.options.quantization)
   return trained
 
 
@@ -150,10 +162,19 @@ def _pretrained(run: Run, expert: str, shardings, merged=()):
 
 def frozen_base(run: Run):
   """A LoRA run's frozen transformer(s): the pretrained one with every LoRA file but the first
-  (which starts the adapter) merged."""
-  return per_expert(run.plan, lambda name: _pretrained(
-      run, name, _of(run, run.state_shardings["base"], name),
-      experts.lora_loads(run.plan.lora_loads[1:], run.plan.expert, name)))
+  (which starts the adapter) merged, its selected kernels quantized with qwix_quantization."""
+  plan = run.plan
+  q = plan.options.quantization
+  float_shardings = transformer.shardings(plan.model, run.mesh)
+
+  def one(name):
+    base = _pretrained(run, name, float_shardings,
+                       experts.lora_loads(plan.lora_loads[1:], plan.expert, name))
+    if q is None:
+      return base
+    return jax.jit(lambda p: quant.quantize(p, q),
+                   out_shardings=_of(run, run.state_shardings["base"], name), donate_argnums=0)(base)
+  return per_expert(plan, one)
 
 
 def _start_adapter(run: Run, expert: str):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 import kernels
-from wan import attention, layers, params, remat, sharding
+from wan import attention, layers, params, quant, remat, sharding
 from wan.flops import flops  # noqa: F401  (part of this module's API)
 from wan.numerics import DTYPES, PRECISIONS
 from wan.params import Param
@@ -112,6 +112,7 @@ class Options:
   names_which_can_be_saved: tuple[str, ...] = ()
   names_which_can_be_offloaded: tuple[str, ...] = ()
   dropout: float = 0.0
+  quantization: quant.Settings | None = None  # qwix: the dense layers it selects run quantized
 
   def __post_init__(self):
     for name, value, allowed in (("weights_dtype", self.weights_dtype, DTYPES),
@@ -255,7 +256,8 @@ def shardings(cfg: Config, mesh):
 
 
 def _dense(p, x, opts: Options):
-  return layers.dense(p, x, dtype=opts.dtype, precision=PRECISIONS[opts.precision])
+  return layers.dense(p, x, dtype=opts.dtype, precision=PRECISIONS[opts.precision],
+                      quant=opts.quantization)
 
 
 def _dropout(x, rate, key):
