@@ -3,6 +3,7 @@ tools/make_golden.py, plus peft; run it outside the repository root, e.g. from /
 
     /tmp/golden-venv/bin/python /work/main/tools/check_export.py EXPORT_DIR [--base=ROOT]
         [--latents]
+    /tmp/golden-venv/bin/python /work/main/tools/check_export.py --make-tiny-vae=DIR
 
 `WanPipeline.from_pretrained(EXPORT_DIR)` loads every component (both experts and the
 boundary_ratio for Wan 2.2 A14B) and generates a short clip. With a lora/ folder (a LoRA run
@@ -10,10 +11,13 @@ exported with export_merged) and `--base` (the root the run trained from), each 
 files (of each expert, lora/high_noise/ and lora/low_noise/ for an expert=both run) is loaded with `pipe.load_lora_weights` into the base and must generate what the merged
 export generates.
 `--latents` stops at the latents (output_type="latent"), for the tests' tiny roots whose VAE
-has other latent channels than their transformer. Prints one line per run; exits non-zero on
-any failure. Nothing here imports wan/.
+has other latent channels than their transformer; `--make-tiny-vae=DIR` instead writes a tiny
+random 16-channel Wan 2.1 VAE (the pipeline goldens' tiny config with z_dim 16) to put in such a
+root before training, so that the export decodes to video. Prints one line per run; exits
+non-zero on any failure. Nothing here imports wan/.
 """
 
+import json
 import os
 import sys
 
@@ -33,7 +37,23 @@ def _generate(pipe, latents_only: bool):
   return np.asarray(frames[0] if not latents_only else frames.float().numpy())
 
 
+def make_tiny_vae(directory: str):
+  from diffusers import AutoencoderKLWan  # pylint: disable=import-outside-toplevel
+  tiny = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests",
+                      "golden", "pipelines", "components", "vae21", "config.json")
+  with open(tiny) as f:
+    cfg = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+  cfg.update(z_dim=16, latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
+  torch.manual_seed(0)
+  AutoencoderKLWan(**cfg).save_pretrained(directory)
+  print(f"tiny 16-channel VAE written to {directory}")
+
+
 def main(argv):
+  vae = next((a.split("=", 1)[1] for a in argv if a.startswith("--make-tiny-vae=")), None)
+  if vae:
+    make_tiny_vae(vae)
+    return
   root = argv[1]
   latents_only = "--latents" in argv
   base_root = next((a.split("=", 1)[1] for a in argv if a.startswith("--base=")), None)
