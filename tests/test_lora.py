@@ -322,8 +322,14 @@ def test_lora_config_refusals(tmp_path):
       plan.make(_tiny(**overrides), devices)
   c = _tiny()
   c.lora_config.rank = (4, 8)
-  with pytest.raises(ConfigError, match="give one rank"):
+  with pytest.raises(ConfigError, match="give one rank .* or one per LoRA"):
     plan.make(c, devices)
+  c = _tiny()  # a rank per LoRA: each file is checked against its entry
+  c.lora_config.lora_model_name_or_path = (os.path.join(GOLDEN_DIR, "lora", "t2v"),) * 2
+  c.lora_config.rank = (4, 8)
+  run = train.setup(plan.make(c, devices), devices)
+  with pytest.raises(CheckpointError, match="has rank 4, but its lora_config.rank entry is 8"):
+    train.init_state(run)
   c = _tiny()
   c.lora_config.lora_model_name_or_path = (str(tmp_path / "nothing"),)
   with pytest.raises(ConfigError, match="does not exist"):

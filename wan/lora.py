@@ -42,11 +42,22 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class Load:
-  """One LoRA file to load: where, which file, its name (for messages) and its scale."""
+  """One LoRA file to load: where, which file, its name (for messages), its scale and the rank
+  the config expects of it (0: any)."""
   path: str
   weight_name: str
   name: str
   scale: float
+  rank: int = 0
+
+  def read(self) -> dict:
+    """The file's adapter set (`load`), its rank checked against the expected one."""
+    adapters = load(self.path, self.weight_name)
+    found = max(np.shape(_get(adapters, m)["lora_a"])[-1] for m in modules(adapters))
+    if self.rank and found != self.rank:
+      raise CheckpointError(f"LoRA {self.name or self.path} has rank {found}, but its "
+                            f"lora_config.rank entry is {self.rank}; set it to {found}")
+    return adapters
 
 
 def candidates(cfg: transformer.Config) -> tuple[str, ...]:
@@ -234,7 +245,7 @@ def apply(params_, loads: tuple[Load, ...]):
   """`params_` with every LoRA of `loads` merged at its scale (the start of a run or a pipe)."""
   for item in loads:
     try:
-      params_ = merge(params_, load(item.path, item.weight_name), item.scale)
+      params_ = merge(params_, item.read(), item.scale)
     except CheckpointError as e:
       raise CheckpointError(f"LoRA {item.name or item.path}: {e}") from None
   return params_

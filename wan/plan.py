@@ -621,7 +621,8 @@ def _lora(c, model) -> tuple[lora.Settings | None, tuple[lora.Load, ...]]:
   """(the adapter a run trains or its checkpoint holds, the LoRA files to load)."""
   lc = c.lora_config
   loads = plan_lora.loads(names(lc.lora_model_name_or_path), names(lc.weight_name),
-                          names(lc.adapter_name), tuple(lc.scale), tuple(lc.from_pt))
+                          names(lc.adapter_name), tuple(lc.scale), tuple(lc.from_pt),
+                          tuple(lc.rank))
   return plan_lora.settings(c, model), loads
 
 

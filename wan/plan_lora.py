@@ -30,9 +30,10 @@ def _per_lora(field: str, values, n: int, default):
   return values
 
 
-def loads(paths, weight_names, adapter_names, scales, from_pt) -> tuple[lora.Load, ...]:
+def loads(paths, weight_names, adapter_names, scales, from_pt, ranks) -> tuple[lora.Load, ...]:
   """The LoRA files of lora_config (its lists, names split at commas), checked; their tensors
-  are read when the run starts."""
+  are read when the run starts. ranks: lora_config.rank, one per LoRA (each file's rank is
+  checked against its entry) or the one entry of the trained adapter."""
   n = len(paths)
   given = {"weight_name": weight_names, "adapter_name": adapter_names, "from_pt": from_pt}
   if not n:
@@ -48,18 +49,22 @@ def loads(paths, weight_names, adapter_names, scales, from_pt) -> tuple[lora.Loa
   adapter_names = _per_lora("adapter_name", adapter_names, n, "")
   scales = _per_lora("scale", scales, n, 1.0)
   from_pt = _per_lora("from_pt", from_pt, n, True)
+  # One entry is the trained adapter's rank (a file may have a smaller one); one per LoRA is
+  # each file's, checked when it is read. 0: any.
+  ranks = tuple(int(r) for r in ranks) if len(ranks) == n > 1 else (0,) * n
   if not all(from_pt):
     _fail("lora_config.from_pt=False: LoRA files are read as PyTorch-named safetensors "
           "(diffusers, ComfyUI, musubi); set True or leave it empty")
   if len(set(adapter_names) - {""}) != len([a for a in adapter_names if a]):
     _fail(f"lora_config.adapter_name={adapter_names!r} repeats a name; name each LoRA once")
   out = []
-  for path, weight_name, name, scale in zip(paths, weight_names, adapter_names, scales):
+  for path, weight_name, name, scale, rank in zip(paths, weight_names, adapter_names, scales,
+                                                  ranks):
     path = fs.absolute(path)
     if not fs.is_remote(path) and not fs.exists(path):
       _fail(f"lora_config.lora_model_name_or_path: {path} does not exist (a LoRA .safetensors "
             "file or a directory holding one; Hugging Face repo names are not downloaded)")
-    out.append(lora.Load(path, weight_name, name or fs.basename(path), float(scale)))
+    out.append(lora.Load(path, weight_name, name or fs.basename(path), float(scale), rank))
   return tuple(out)
 
 
@@ -68,9 +73,12 @@ def settings(c, model) -> lora.Settings | None:
   if not c.enable_lora:
     return None
   ranks = tuple(c.lora_config.rank)
-  if len(ranks) != 1:
-    _fail(f"lora_config.rank={ranks!r}: give one rank, the trained adapter's; a loaded LoRA's "
-          "rank comes from its file")
+  n = len(tuple(c.lora_config.lora_model_name_or_path))
+  if len(ranks) != 1 and len(ranks) != n:
+    _fail(f"lora_config.rank={ranks!r}: give one rank (the trained adapter's) or one per LoRA of "
+          f"lora_config.lora_model_name_or_path ({n}; the first is the trained adapter's)")
+  if not ranks:
+    _fail("lora_config.rank is empty: give the trained adapter's rank")
   rank = int(ranks[0])
   if rank < 1:
     _fail(f"lora_config.rank={rank} must be >= 1")

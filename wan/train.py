@@ -182,7 +182,7 @@ def _start_adapter(run: Run, expert: str):
   first = experts.lora_loads(plan.lora_loads[:1], plan.expert, expert)
   return lora.start(plan.model, plan.lora, experts.init_key(plan.seed, plan.expert, expert),
                     DTYPES[plan.options.weights_dtype],
-                    lora.load(first[0].path, first[0].weight_name) if first else None,
+                    first[0].read() if first else None,
                     first[0].scale if first else 1.0)
 
 
