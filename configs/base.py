@@ -54,6 +54,12 @@ def get_config():
   c.num_train_epochs = 1
   c.per_device_batch_size = 1.0  # may be fractional; must make a whole global batch
   c.global_batch_size = 0  # > 0 overrides per_device_batch_size * devices
+  # Each step runs the global batch as this many equal micro-batches, one after another, and
+  # averages their gradients (the memory of one micro-batch, the update of the whole batch).
+  c.gradient_accumulation_steps = 1
+  # A step whose loss, gradients or updated parameters are not finite is skipped (counted in
+  # the metrics as nonfinite_steps); this many in a row stop the run.
+  c.max_nonfinite_steps = 10
   c.warmup_steps_fraction = 0.1
   c.learning_rate_schedule_steps = -1  # -1 = the number of training steps
   c.lr_schedule = "constant"  # after warmup: constant | linear | cosine (decay to 0)

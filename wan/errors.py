@@ -33,3 +33,8 @@ class BadSample(UserError, ValueError):
   def __init__(self, path: str, reason: str):
     super().__init__(f"{path}: {reason}")
     self.path, self.reason = str(path), reason
+
+
+class TrainingStopped(UserError, RuntimeError):
+  """Training cannot go on as configured (e.g. max_nonfinite_steps non-finite steps in a row);
+  the checkpoints already written are good ones."""

@@ -189,6 +189,8 @@ class Plan:
   ici: dict
   dcn: dict
   global_batch: int
+  accumulation: int  # micro-batches per step (gradient_accumulation_steps)
+  max_nonfinite_steps: int
   latent_shape: tuple  # (F', H', W', C) of the clean latents
   text_len: int
   image_len: int  # CLIP tokens (Wan 2.1 I2V), else 0
@@ -226,7 +228,9 @@ class Plan:
             f"device), "
             f"{'weights from ' + self.weights if self.weights else 'random init'}"
             + self._lora_summary() + "\n"
-            f"mesh {self.mesh_shape}, global batch {self.global_batch}, latents "
+            f"mesh {self.mesh_shape}, global batch {self.global_batch}"
+            + (f" ({self.accumulation} micro-batches of {self.global_batch // self.accumulation})"
+               if self.accumulation > 1 else "") + ", latents "
             f"{f}x{h}x{w}x{c} = {self.seq_len} tokens/sample, {self.num_steps} steps"
             + self._data_summary() + self._eval_summary())
 
@@ -336,6 +340,8 @@ def check(c):
 def _check_ranges(c):
   rules = [
       ("learning_rate", c.learning_rate > 0, "> 0"),
+      ("gradient_accumulation_steps", c.gradient_accumulation_steps >= 1, ">= 1"),
+      ("max_nonfinite_steps", c.max_nonfinite_steps >= 1, ">= 1"),
       ("learning_rate_low_noise", c.learning_rate_low_noise >= 0,
        ">= 0 (0: learning_rate)"),
       ("adam_b1", 0 <= c.adam_b1 < 1, "in [0, 1)"),
@@ -533,6 +539,23 @@ def _batch(c, devices: Devices, mesh_shape):
   return global_batch
 
 
+def _accumulation(c, global_batch, mesh_shape) -> int:
+  k = int(c.gradient_accumulation_steps)
+  if k == 1:
+    return 1
+  if c.pack_sequences:
+    _fail("gradient_accumulation_steps > 1 with pack_sequences=True is not supported (a packed "
+          "batch's loss is a mean over its clips, which micro-batches would weigh unevenly); "
+          "set one of them back")
+  micro = global_batch // k
+  if global_batch % k or micro % mesh_shape["data"]:
+    fits = [d for d in _divisors(global_batch) if (global_batch // d) % mesh_shape["data"] == 0]
+    _fail(f"gradient_accumulation_steps={k} does not split the global batch {global_batch} into "
+          f"equal micro-batches that split over data parallelism {mesh_shape['data']}; use "
+          f"{_listing(fits)}")
+  return k
+
+
 def _num_steps(c, global_batch, data, patch_size):
   if c.max_train_steps > 0:
     return int(c.max_train_steps)
@@ -679,6 +702,7 @@ def make(c, devices) -> Plan:
   mesh_shape = {a: ici[a] * dcn[a] for a in sharding.MESH_AXES}
   latent_shape = _latent_shape(c, model, vae_cfg)
   global_batch = _batch(c, devices, mesh_shape)
+  accumulation = _accumulation(c, global_batch, mesh_shape)
   if c.dataset_type == "synthetic":
     data = DataSettings(c.dataset_type, c.synthetic_num_samples, buckets=(latent_shape,))
   else:
@@ -721,7 +745,8 @@ def make(c, devices) -> Plan:
     encoding = data.encoding or plan_data.encoders(c, family, model)
   return Plan(
       family=family, model=model, options=options, weights=weights_path, expert=c.expert,
-      seed=int(c.seed), ici=ici, dcn=dcn, global_batch=global_batch, latent_shape=latent_shape,
+      seed=int(c.seed), ici=ici, dcn=dcn, global_batch=global_batch, accumulation=accumulation,
+      max_nonfinite_steps=int(c.max_nonfinite_steps), latent_shape=latent_shape,
       text_len=c.synthetic_override_max_sequence_length or c.max_sequence_length,
       image_len=family.image_tokens, conditioning=family.conditioning(c.model_type),
       seq_len=seq_len, num_steps=num_steps,

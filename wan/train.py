@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wan import (checkpoint, conditioning, data, evaluate, experts, flow, fs, lora, metrics,
-                 optim, params as params_lib, quant, sharding, transformer)
+from wan import (checkpoint, conditioning, data, evaluate, experts, flow, fs, guards, lora,
+                 metrics, optim, params as params_lib, quant, sharding, transformer)
 from wan.data import batch as batch_lib
 from wan.data import packing
-from wan.errors import CheckpointError, ConfigError
+from wan.errors import CheckpointError, ConfigError, TrainingStopped
 from wan.numerics import DTYPES
 from wan.plan import Plan
 
@@ -316,6 +316,36 @@ def loss_fn(p, batch: dict, key, plan: Plan, sigma_range=None):
   return flow_loss(p, batch, sigma, noise, plan, drop=drop, dropout_key=dropout_key), sigma
 
 
+def _micro(x, k: int):
+  """(B, ...) -> (k, B / k, ...): micro-batch i holds samples i, k + i, 2k + i, ... (strided, so
+  that each stays split over the data axis as the whole batch is)."""
+  return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+
+def _loss_and_grads(plan: Plan, model, trained, batch, key, sigma_range):
+  """(loss, sigma, grads of the trained params) of one global batch; model(trained) is the
+  transformer tree. With gradient accumulation the batch runs as plan.accumulation micro-batches
+  in a lax.scan, with the whole batch's randomness, so the result is the whole batch's."""
+  k = plan.accumulation
+  if k == 1:
+    (loss, sigma), grads = jax.value_and_grad(
+        lambda p: loss_fn(model(p), batch, key, plan, sigma_range), has_aux=True)(trained)
+    return loss, sigma, grads
+  sigma, noise, drop, dropout_key = draw(key, plan, batch["latents"].shape,
+                                         sigma_range=sigma_range)
+
+  def body(acc, xs):
+    b, s, n, d = xs
+    loss, grads = jax.value_and_grad(lambda p: flow_loss(
+        model(p), b, s, n, plan, drop=d, dropout_key=dropout_key))(trained)
+    return jax.tree.map(jnp.add, acc, (loss, grads)), None
+
+  zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trained))
+  xs = jax.tree.map(lambda x: _micro(x, k), (batch, sigma, noise, drop))
+  (loss, grads), _ = jax.lax.scan(body, zeros, xs)
+  return loss / k, sigma, jax.tree.map(lambda g: g / k, grads)
+
+
 def _high_noise_step(key, plan: Plan):
   """expert=both: whether this step trains the high-noise expert, by one noise level drawn from
   the whole distribution (so each expert trains on its share of the steps)."""
@@ -334,20 +364,21 @@ def make_step(run: Run):
   plan = run.plan
 
   def update(state, batch, key, expert, sigma_range=None):
-    """One expert's (params, opt_state, loss, sigma, grads) after its step."""
+    """One expert's (params, opt_state, loss, sigma, grad norm, finite) after its step; a step
+    whose loss, gradients or new parameters are not all finite keeps the old ones."""
     trained, opt_state = _of(run, state["params"], expert), _of(run, state["opt_state"], expert)
     base = _of(run, state["base"], expert) if plan.lora else None
-
-    def loss_of(p):  # differentiated in the trained params only
-      return loss_fn(_model_of(plan, p, base), batch, key, plan, sigma_range)
-
     with _scope(plan, "grad"):
-      (loss, sigma), grads = jax.value_and_grad(loss_of, has_aux=True)(trained)
+      loss, sigma, grads = _loss_and_grads(plan, lambda p: _model_of(plan, p, base), trained,
+                                           batch, key, sigma_range)
     with _scope(plan, "optimizer"):
-      updates, opt_state = _tx(run, expert).update(grads, opt_state, trained,
-                                                   step=state["step"])
-      trained = optax.apply_updates(trained, updates)
-    return trained, opt_state, loss, sigma, optax.tree.norm(grads)
+      updates, new_opt_state = _tx(run, expert).update(grads, opt_state, trained,
+                                                       step=state["step"])
+      new = optax.apply_updates(trained, updates)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new))
+    keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+    return keep(new, trained), keep(new_opt_state, opt_state), loss, sigma, grad_norm, finite
 
   def step(state, batch):
     key = jax.random.fold_in(jax.random.key(plan.seed), state["step"])
@@ -356,7 +387,7 @@ def make_step(run: Run):
     if plan.expert == "both":
       high = _high_noise_step(key, plan)
       b = plan.boundary
-      params, opt_state, loss, sigma, grad_norm = jax.lax.cond(
+      params, opt_state, loss, sigma, grad_norm, finite = jax.lax.cond(
           high, lambda: update(state, batch, key, "high_noise", (b, 1.0)),
           lambda: update(state, batch, key, "low_noise", (0.0, b)))
       pick = lambda new_tree, old_tree, trained: jax.tree.map(  # the other keeps its values
@@ -369,11 +400,11 @@ def make_step(run: Run):
                      optim.schedule(plan.optimizer_low_noise)(state["step"]))
       stats["expert_high"] = high
     else:
-      new["params"], new["opt_state"], loss, sigma, grad_norm = update(
+      new["params"], new["opt_state"], loss, sigma, grad_norm, finite = update(
           state, batch, key, plan.expert)
       lr = optim.schedule(plan.optimizer)(state["step"])
     stats.update({"loss": loss, "grad_norm": grad_norm, "learning_rate": lr,
-                  "sigma_mean": sigma.mean()})
+                  "sigma_mean": sigma.mean(), "finite": finite})
     if plan.data.pack:
       clips = batch["segment_grid"][..., 0] > 0
       stats["sigma_mean"] = jnp.sum(jnp.where(clips, sigma, 0.0)) / jnp.maximum(clips.sum(), 1)
@@ -440,6 +471,8 @@ class _Reporter:
     self._plan, self._writer = plan, writer
     self._last = time.perf_counter()
     self.losses = []
+    self.nonfinite = 0  # steps skipped for a non-finite loss, gradient or update
+    self._in_a_row = 0
 
   def restart_clock(self):
     self._last = time.perf_counter()
@@ -451,6 +484,10 @@ class _Reporter:
     now = time.perf_counter()
     elapsed, self._last = now - self._last, now
     grids = stats.pop("segment_grid", None)
+    finite = bool(stats.pop("finite"))
+    self.nonfinite += not finite
+    self._in_a_row = 0 if finite else self._in_a_row + 1
+    stats["nonfinite_steps"] = self.nonfinite
     if "expert_high" in stats:  # expert=both: the loss under the name of the expert it trained
       expert = "high_noise" if stats.pop("expert_high") else "low_noise"
       stats[f"loss_{expert}"] = stats["loss"]
@@ -468,6 +505,15 @@ class _Reporter:
       self._writer.write(step + 1, {**stats, "step_time": elapsed, "tflops_per_device": tflops,
                                     "mfu": tflops / self._peak if self._peak else None,
                                     "samples_per_second": samples / elapsed})
+    if not finite:
+      _log(f"step {step + 1}: non-finite loss {float(stats['loss']):g} or gradient norm "
+           f"{float(stats['grad_norm']):g}: the update was skipped ({self._in_a_row} in a row)")
+    if self._in_a_row >= plan.max_nonfinite_steps:
+      raise TrainingStopped(
+          f"{self._in_a_row} non-finite steps in a row up to step {step + 1} (max_nonfinite_steps="
+          f"{plan.max_nonfinite_steps}): every one was skipped, so the parameters and every "
+          "checkpoint are the last finite ones. Lower learning_rate (or check the data) and rerun "
+          "the same command: it resumes from the newest checkpoint")
 
 
 def _make_output_dirs(out):
@@ -501,8 +547,13 @@ def save_lora(run: Run, state: dict, step: int) -> str:
 
 def train(plan: Plan, devices=None) -> list[float]:
   """Runs (or resumes) training as planned; returns the losses of the steps it ran."""
+  _make_output_dirs(plan.outputs)
+  with guards.RunLock(plan.outputs.run_dir), guards.StopRequests() as stops:
+    return _train(plan, devices, stops)
+
+
+def _train(plan: Plan, devices, stops: guards.StopRequests) -> list[float]:
   out = plan.outputs
-  _make_output_dirs(out)
   run = setup(plan, devices)
   it = data.make(plan, run.mesh)
   ckpt, first = None, 0
@@ -529,36 +580,44 @@ def train(plan: Plan, devices=None) -> list[float]:
   evaluator = (evaluate.Evaluator(plan, run.mesh, writer, sample_losses)
                if plan.evaluation else None)
   b = plan.global_batch
-  pending = None
-  with jax.set_mesh(run.mesh):
-    for step in range(first, plan.num_steps):
-      profiler.before_step(step)
-      batch = next(it)
-      state, stats = step_fn(state, batch)
+  try:
+    pending = None
+    with jax.set_mesh(run.mesh):
+      for step in range(first, plan.num_steps):
+        profiler.before_step(step)
+        batch = next(it)
+        state, stats = step_fn(state, batch)
+        if pending is not None:
+          report(*pending)
+        pending = (step, stats, batch["latents"].shape[1:] if "latents" in batch else None)
+        done = step + 1
+        evaluating = evaluator is not None and evaluator.due(done)
+        stopping = stops.due(done)
+        due = ckpt and (done * b // out.checkpoint_every > step * b // out.checkpoint_every
+                        or done == plan.num_steps or stopping)
+        if evaluating or due:  # the step's metrics row comes before its evaluation and checkpoint
+          report(*pending)
+          pending = None
+        if evaluating:
+          evaluator(done, model_params(run, state))
+          report.restart_clock()  # the next step's time leaves the evaluation out
+        if due:  # the metrics up to the checkpoint are on disk before it is
+          writer.flush()
+          ckpt.save(done, state, it.state())
+        if plan.lora and (due or (ckpt is None and (done == plan.num_steps or stopping))):
+          save_lora(run, state, done)
+        if stopping:
+          _log(f"{stops.reason}: stopped after step {done}" + (
+              f", saved in {out.checkpoint_dir}; rerun the same command to resume" if ckpt
+              else " (checkpoint_every=-1: nothing to resume from)"))
+          break
       if pending is not None:
         report(*pending)
-      pending = (step, stats, batch["latents"].shape[1:] if "latents" in batch else None)
-      done = step + 1
-      evaluating = evaluator is not None and evaluator.due(done)
-      due = ckpt and (done * b // out.checkpoint_every > step * b // out.checkpoint_every
-                      or done == plan.num_steps)
-      if evaluating or due:  # the step's metrics row comes before its evaluation and checkpoint
-        report(*pending)
-        pending = None
-      if evaluating:
-        evaluator(done, model_params(run, state))
-        report.restart_clock()  # the next step's time leaves the evaluation out
-      if due:  # the metrics up to the checkpoint are on disk before it is
-        writer.flush()
-        ckpt.save(done, state, it.state())
-      if plan.lora and (due or (ckpt is None and done == plan.num_steps)):
-        save_lora(run, state, done)
-    if pending is not None:
-      report(*pending)
-  profiler.stop()
-  if hasattr(it, "close"):
-    it.close()
-  writer.close()
-  if ckpt:
-    ckpt.close()
+  finally:  # also when a step stops the run: a checkpoint being written is completed
+    profiler.stop()
+    if hasattr(it, "close"):
+      it.close()
+    writer.close()
+    if ckpt:
+      ckpt.close()
   return report.losses
