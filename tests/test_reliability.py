@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from configs import wan21_t2v
-from wan import checkpoint, data, plan, train
-from wan.errors import ConfigError, TrainingStopped
+from wan import checkpoint, data, guards, plan, train
+from wan.errors import CheckpointError, ConfigError, TrainingStopped
 
 
 def _tiny(**overrides):
@@ -105,13 +105,11 @@ def _loss_and_grads(c, devices):
   with jax.set_mesh(run.mesh):
     loss, _, grads = jax.jit(lambda p, b: train._loss_and_grads(  # pylint: disable=protected-access
         run.plan, lambda x: x, p, b, key, None))(params, batch)
-    train.make_step(run)(train.init_state(run), batch)  # the step compiles and runs with it
   return float(loss), jax.device_get(grads)
 
 
-@pytest.mark.parametrize("mesh", [dict(ici_fsdp=1), dict(ici_data=2, ici_fsdp=4)])
-def test_accumulation_equals_the_larger_batch(mesh):
-  devices = _devices() if mesh == dict(ici_fsdp=1) else jax.devices()
+def test_accumulation_equals_the_larger_batch():
+  mesh, devices = dict(ici_data=2, ici_fsdp=4), jax.devices()  # micro-batches split over data
   want_loss, want = _loss_and_grads(_tiny(precision="HIGHEST", **mesh), devices)
   loss, got = _loss_and_grads(_tiny(precision="HIGHEST", gradient_accumulation_steps=2, **mesh),
                               devices)
@@ -126,8 +124,9 @@ def test_accumulation_refusals():
     plan.make(_tiny(gradient_accumulation_steps=3), _devices())
   with pytest.raises(ConfigError, match="gradient_accumulation_steps=0 must be >= 1"):
     plan.make(_tiny(gradient_accumulation_steps=0), _devices())
-  p = plan.make(_tiny(gradient_accumulation_steps=4), _devices())
+  p = plan.make(_tiny(gradient_accumulation_steps=4, max_train_steps=2), _devices())
   assert p.accumulation == 4 and "4 micro-batches of 1" in p.summary()
+  assert np.isfinite(train.train(p, _devices())).all()  # the training step runs with it
 
 
 class _SignalAt:
@@ -147,9 +146,18 @@ class _SignalAt:
     return getattr(self._it, name)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(
-    sig, tmp_path, monkeypatch):
+def test_sigint_asks_to_stop_and_a_second_one_stops_at_once():
+  with guards.StopRequests() as stops:
+    assert not stops.due(1)
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stops.due(2) and stops.reason == "SIGINT"
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_sigterm_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(tmp_path, monkeypatch):
+  sig = signal.SIGTERM
   clean = train.train(plan.make(_tiny(max_train_steps=6, output_dir=str(tmp_path / "clean")),
                                 _devices()), _devices())
   make = data.make
@@ -161,7 +169,7 @@ def test_a_signal_saves_at_the_step_boundary_and_the_rerun_resumes_exactly(
                                  True).latest_step() == 3
   monkeypatch.setattr(train.data, "make", make)
   assert train.train(plan.make(c, _devices()), _devices()) == clean[3:]
-  assert signal.getsignal(sig) is not None  # our handlers are gone after the run
+  assert signal.getsignal(sig) == signal.SIG_DFL  # our handler is gone after the run
 
 
 def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
@@ -178,8 +186,8 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
   assert not (run_dir / ".lock").exists()
 
 
-@pytest.mark.parametrize("mesh", [dict(ici_fsdp=4), dict(ici_fsdp=2, ici_context=2)])
-def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path, mesh):
+def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path):
+  mesh = dict(ici_fsdp=2, ici_context=2)
   eight = jax.devices()
   common = dict(max_train_steps=4, checkpoint_every=8, precision="HIGHEST")
   straight = train.train(plan.make(_tiny(ici_fsdp=8, output_dir=str(tmp_path / "a"), **common),
@@ -189,3 +197,35 @@ def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path, mesh):
   four = jax.devices()[:4]
   rest = train.train(plan.make(_tiny(**mesh, **c), four), four)
   np.testing.assert_allclose(first + rest, straight, rtol=1e-5)
+
+
+def _truncate(step_dir):
+  """Cuts every file of a checkpoint's array store to half its size."""
+  for root, _, files in os.walk(step_dir / "state"):
+    for name in files:
+      path = os.path.join(root, name)
+      if os.path.getsize(path) > 64:
+        with open(path, "r+b") as f:
+          f.truncate(os.path.getsize(path) // 2)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_path):
+  clean = train.train(plan.make(_tiny(max_train_steps=6, output_dir=str(tmp_path / "clean")),
+                                _devices()), _devices())
+  c = _tiny(max_train_steps=4, checkpoint_every=4, output_dir=str(tmp_path / "run"))
+  train.train(plan.make(c, _devices()), _devices())
+  checkpoints = tmp_path / "run" / "wan21_t2v_tiny" / "checkpoints"
+  assert sorted(os.listdir(checkpoints)) == ["2", "3", "4"]
+  _truncate(checkpoints / "4")  # the newest checkpoint
+  c.max_train_steps = 6
+  rest = train.train(plan.make(c, _devices()), _devices())
+  assert rest == clean[3:]  # resumed from step 3, exactly
+  assert "4.damaged" in os.listdir(checkpoints)  # its files kept, out of orbax's way
+  # Every checkpoint damaged: the newest one's error, and nothing moved.
+  for step in ("4", "5", "6"):
+    _truncate(checkpoints / step)
+  before = sorted(os.listdir(checkpoints))
+  c.max_train_steps = 8
+  with pytest.raises(CheckpointError, match="checkpoint at step 6 .* cannot be restored"):
+    train.train(plan.make(c, _devices()), _devices())
+  assert sorted(os.listdir(checkpoints)) == before

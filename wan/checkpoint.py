@@ -23,11 +23,14 @@ class Checkpointer:
 
   def __init__(self, directory: str, keep: int, save_optimizer: bool):
     self._save_optimizer = save_optimizer
+    self._directory, self._keep = directory, keep
     if not fs.is_remote(directory):
       fs.makedirs(directory)
-    self._manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=True, create=True))
+    self._manager = self._open()
+
+  def _open(self):
+    return ocp.CheckpointManager(self._directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=self._keep, enable_async_checkpointing=True, create=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -48,7 +51,7 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:  # JSON/tensorstore errors too
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
       raise CheckpointError(
           f"checkpoint at step {step} in {self._manager.directory} cannot be restored: it is "
           f"damaged or does not fit this run's model and optimizer (written by a different "
@@ -58,6 +61,40 @@ class Checkpointer:
     for k in set(state_like) - set(target):
       state[k] = state_like[k]
     return state, dict(restored["data"])
+
+  def restore_newest(self, state_like: dict, log=print):
+    """(step, state, data_state) of the newest checkpoint that restores, or None when there is
+    none. A newer one that cannot be restored (truncated, corrupted) is reported and moved
+    aside to <step>.damaged (its files kept), so that the run goes on from the one before; when
+    none restores, the newest one's error is raised and nothing is moved."""
+    errors = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state, data_state = self.restore(step, state_like)
+      except CheckpointError as e:
+        errors.append((step, e))
+        continue
+      if errors:
+        self._set_aside([bad for bad, _ in errors])
+        for bad, e in errors:
+          log(f"checkpoint at step {bad} cannot be restored ({str(e.__cause__)[:300]}); it was "
+              f"moved to {fs.join(self._directory, f'{bad}.damaged')} and the run resumes from "
+              f"step {step}")
+      return step, state, data_state
+    if errors:
+      raise errors[0][1]
+    return None
+
+  def _set_aside(self, steps):
+    self._manager.close()
+    if jax.process_index() == 0:
+      for step in steps:
+        path = fs.join(self._directory, str(step))
+        target = fs.join(self._directory, f"{step}.damaged")
+        if fs.exists(target):
+          target = fs.sibling(target, "damaged")
+        fs.rename(path, target)
+    self._manager = self._open()
 
   def _saved(self, state: dict) -> dict:
     return {k: v for k, v in state.items()

@@ -10,6 +10,10 @@ Packed batches (pack_sequences=True, wan/data/batch.py) take the same path in to
 sigma per clip, packing.model_inputs, transformer.forward_packed, one loss per clip
 (packing.segment_mean), the mean over the batch's clips.
 
+An expert=both run (Wan 2.2 A14B) holds both experts and trains the one of each step's noise
+level. Non-finite steps are skipped and counted; SIGTERM / SIGINT save at a step boundary
+(wan/guards.py, docs/reliability.md).
+
 The loop never waits for the host between steps: step N+1 is dispatched before step N's metrics
 are read, and step time is the time between completions.
 """
@@ -358,6 +362,9 @@ def _high_noise_step(key, plan: Plan):
 def make_step(run: Run):
   """The jitted train step: (state, batch) -> (state, metrics); the state is donated.
 
+  A step whose loss, gradients or updated parameters are not finite keeps the old parameters
+  and optimizer state (stats["finite"] says so; the loop counts them). With
+  gradient_accumulation_steps > 1 the batch runs as micro-batches (`_loss_and_grads`).
   expert=both: one expert per step (`_high_noise_step`), every sample of the batch at a noise
   level on its side of the boundary; a lax.cond runs that expert's forward, backward and
   optimizer update only, and the other expert's parameters and optimizer state are kept."""
@@ -556,16 +563,18 @@ def _train(plan: Plan, devices, stops: guards.StopRequests) -> list[float]:
   out = plan.outputs
   run = setup(plan, devices)
   it = data.make(plan, run.mesh)
-  ckpt, first = None, 0
+  ckpt, found = None, None
   if out.checkpoint_every > 0:
     ckpt = checkpoint.Checkpointer(out.checkpoint_dir, out.checkpoints_to_keep,
                                    out.save_optimizer)
-    first = ckpt.latest_step() or 0
-  if first:  # restored straight into place: a full fine-tune's pretrained weights are not read
-    like = abstract_state(run)
+  if ckpt and ckpt.latest_step():  # restored straight into place: a full fine-tune's
+    like = abstract_state(run)     # pretrained weights are not read
     if plan.lora:
       like["base"] = frozen_base(run)
-    state, data_state = ckpt.restore(first, like)
+    found = ckpt.restore_newest(like, log=_log)
+  first = found[0] if found else 0
+  if found:
+    _, state, data_state = found
     if not out.save_optimizer:
       state["opt_state"] = _init_optimizer(run, state["params"])
     it.restore(data_state)
