@@ -14,7 +14,6 @@ scale x lora_a @ lora_b into the kernels, giving the tree `transformer.load` giv
 """
 
 import dataclasses
-import re
 
 import jax
 import jax.numpy as jnp
@@ -74,16 +73,9 @@ def candidates(cfg: transformer.Config) -> tuple[str, ...]:
 
 
 def targets(cfg: transformer.Config, pattern: str) -> tuple[str, ...]:
-  """The candidates whose path `pattern` (a regex) matches in full; ValueError when none."""
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"lora_targets={pattern!r} is not a regular expression ({e})") from None
-  found = tuple(m for m in candidates(cfg) if regex.fullmatch(m))
-  if not found:
-    raise ValueError(f"lora_targets={pattern!r} matches none of the linear layers an adapter "
-                     f"can go on: {', '.join(candidates(cfg))}")
-  return found
+  """The candidates whose path `pattern` (lora_targets, a regex) matches in full."""
+  return params.matching(candidates(cfg), pattern, "lora_targets",
+                         "the linear layers an adapter can go on")
 
 
 def _get(tree, path: str):

@@ -8,6 +8,7 @@ written by hand.
 
 import dataclasses
 import math
+import re
 from typing import Callable
 
 import jax
@@ -153,3 +154,16 @@ def nbytes(decls, dtype=jnp.float32) -> int:
 def count(decls) -> int:
   """Number of scalar parameters."""
   return sum(math.prod(p.shape) for p in jax.tree.leaves(decls, is_leaf=is_param))
+
+
+def matching(paths, pattern: str, field: str, what: str) -> tuple[str, ...]:
+  """The `paths` that regex `pattern` (config field `field`) matches in full; ValueError naming
+  the field when it is not a regex or matches none of them (`what` they are)."""
+  try:
+    regex = re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"{field}={pattern!r} is not a regular expression ({e})") from None
+  found = tuple(p for p in paths if regex.fullmatch(p))
+  if not found:
+    raise ValueError(f"{field}={pattern!r} matches none of {what}: {', '.join(paths)}")
+  return found

@@ -22,6 +22,8 @@ import re
 import jax
 import jax.numpy as jnp
 
+from wan import params
+
 MODES = ("int8", "fp8", "fp8_full")
 _CALIBRATION = re.compile(r"(absmax|minmax)(,[0-9.]+)?|rms,[0-9.]+|fixed,-?[0-9.]+(,-?[0-9.]+)?")
 
@@ -90,15 +92,7 @@ def candidates(decls) -> tuple[str, ...]:
 
 def targets(decls, pattern: str) -> tuple[str, ...]:
   """The dense layers whose path `pattern` (qwix_module_path, a regex) matches in full."""
-  try:
-    regex = re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"qwix_module_path={pattern!r} is not a regular expression ({e})") from None
-  found = tuple(p for p in candidates(decls) if regex.fullmatch(p))
-  if not found:
-    raise ValueError(f"qwix_module_path={pattern!r} matches none of the dense layers: "
-                     f"{', '.join(candidates(decls))}")
-  return found
+  return params.matching(candidates(decls), pattern, "qwix_module_path", "the dense layers")
 
 
 def _map_layers(tree, paths, fn):
