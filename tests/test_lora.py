@@ -18,7 +18,7 @@ import pytest
 
 from configs import wan21_t2v
 from tests.conftest import GOLDEN_DIR
-from wan import checkpoint, data, generate, lora, plan, train, transformer
+from wan import checkpoint, data, generate, lora, params, plan, train, transformer
 from wan.errors import CheckpointError, ConfigError, MissingFile
 from wan.weights import lora as lora_weights
 from wan.weights import safetensors
@@ -60,7 +60,7 @@ def test_writer_reproduces_the_files_diffusers_was_checked_with(case, tmp_path):
   alpha, rank = CASES[case], 4
   trained = jax.tree.map(lambda x: x, adapters)
   for path in lora.modules(trained):
-    node = lora._get(trained, path)  # pylint: disable=protected-access
+    node = params.at(trained, path)
     node["lora_b"] = node["lora_b"] / (alpha / rank)
   lora.save(str(tmp_path / "out"), trained, alpha)
   for name in lora_weights.FILES.values():
@@ -96,11 +96,11 @@ def test_merge_equals_float64_numpy():
                           lora.init(cfg, settings, jax.random.key(1)))
   merged = lora.merge(base, adapters, scale=0.7)
   for path in ("blocks/self_attn/q", "blocks/ffn/fc2"):
-    a = lora._get(adapters, path)  # pylint: disable=protected-access
-    w = lora._get(base, path)["kernel"].astype(np.float64)  # pylint: disable=protected-access
+    a = params.at(adapters, path)
+    w = params.at(base, path)["kernel"].astype(np.float64)
     want = w + 0.7 * np.einsum("lir,lro->lio", a["lora_a"].astype(np.float64),
                                a["lora_b"].astype(np.float64))
-    got = lora._get(merged, path)["kernel"]  # pylint: disable=protected-access
+    got = params.at(merged, path)["kernel"]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   # Everything else is the same arrays.
   np.testing.assert_array_equal(merged["blocks"]["self_attn"]["k"]["kernel"],
@@ -198,7 +198,7 @@ def test_lora_step_trains_the_adapters_only():
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["base"]), base)
   moved = jax.device_get(state["params"])
   assert all(np.abs(np.asarray(b["lora_b"])).max() > 0
-             for b in (lora._get(moved, p) for p in lora.modules(moved)))  # pylint: disable=protected-access
+             for b in (params.at(moved, p) for p in lora.modules(moved)))
   for leaf in jax.tree.leaves(state["opt_state"]):
     assert leaf.size <= max(x.size for x in jax.tree.leaves(start))
 
@@ -252,8 +252,8 @@ def test_lora_run_resumes_exactly_and_writes_lora_files(tmp_path):
   # The LoRA files of the last step are the checkpoint's adapters.
   files = lora.load(str(run_dir / "lora" / "4"))
   for path in lora.modules(files):
-    got = lora._get(files, path)  # pylint: disable=protected-access
-    want = lora._get(found[1], path)  # pylint: disable=protected-access
+    got = params.at(files, path)
+    want = params.at(found[1], path)
     np.testing.assert_allclose(got["lora_a"], want["lora_a"], rtol=1e-6)
     np.testing.assert_allclose(got["lora_b"], np.asarray(want["lora_b"]), rtol=1e-6)  # alpha=rank
 

@@ -52,7 +52,7 @@ class Load:
   def read(self) -> dict:
     """The file's adapter set (`load`), its rank checked against the expected one."""
     adapters = load(self.path, self.weight_name)
-    found = max(np.shape(_get(adapters, m)["lora_a"])[-1] for m in modules(adapters))
+    found = max(np.shape(params.at(adapters, m)["lora_a"])[-1] for m in modules(adapters))
     if self.rank and found != self.rank:
       raise CheckpointError(f"LoRA {self.name or self.path} has rank {found}, but its "
                             f"lora_config.rank entry is {self.rank}; set it to {found}")
@@ -78,20 +78,6 @@ def targets(cfg: transformer.Config, pattern: str) -> tuple[str, ...]:
                          "the linear layers an adapter can go on")
 
 
-def _get(tree, path: str):
-  for key in path.split("/"):
-    tree = tree[key]
-  return tree
-
-
-def _set(tree: dict, path: str, value):
-  """A copy of nested dict `tree` with `path` set to `value` (the rest shared)."""
-  key, _, rest = path.partition("/")
-  out = dict(tree)
-  out[key] = _set(tree.get(key, {}), rest, value) if rest else value
-  return out
-
-
 def modules(adapters) -> list[str]:
   """The module paths of an adapter set ("blocks/self_attn/q", ...), in tree order."""
   found = []
@@ -111,10 +97,10 @@ def declarations(cfg: transformer.Config, settings: Settings):
   block = transformer.declarations(cfg)["blocks"]
   decls = {}
   for path in settings.targets:
-    kernel = _get(block, path.removeprefix("blocks/"))["kernel"]
+    kernel = params.at(block, path.removeprefix("blocks/"))["kernel"]
     layers_axis, in_axis, out_axis = kernel.axes
     n, n_in, n_out = kernel.shape
-    decls = _set(decls, path, {
+    decls = params.with_at(decls, path, {
         "lora_a": Param((n, n_in, settings.rank), (layers_axis, in_axis, None),
                         params.fan_in_uniform(2)),
         "lora_b": Param((n, settings.rank, n_out), (layers_axis, None, out_axis), params.zeros)})
@@ -130,16 +116,16 @@ def attach(base, adapters, scale: float = 1.0):
   `layers.dense`); differentiable in `adapters`, and `base` is not copied."""
   out = base
   for path in modules(adapters):
-    ab = _get(adapters, path)
+    ab = params.at(adapters, path)
     dense = dict(_dense_of(base, path), lora_a=ab["lora_a"], lora_b=ab["lora_b"] * scale)
-    out = _set(out, path, dense)
+    out = params.with_at(out, path, dense)
   return out
 
 
 def _dense_of(params_, path: str) -> dict:
   """The dense layer at `path` of a transformer tree; CheckpointError when the model has none."""
   try:
-    return _get(params_, path)
+    return params.at(params_, path)
   except (KeyError, TypeError):
     raise CheckpointError(f"LoRA adapts {path}, which this model does not have (a LoRA of "
                           "another model: an image-to-video LoRA on a text-to-video model?)"
@@ -173,12 +159,12 @@ def merge(params_, adapters, scale: float = 1.0):
   for path in modules(adapters):
     dense = _dense_of(params_, path)
     kernel = dense["kernel"]
-    ab = _get(adapters, path)
+    ab = params.at(adapters, path)
     a, b = _fit(path, ab["lora_a"], ab["lora_b"], kernel.shape)
     xp = np if isinstance(kernel, np.ndarray) else jnp
     delta = xp.einsum("lir,lro->lio", xp.asarray(a, np.float32), xp.asarray(b, np.float32))
     merged = (xp.asarray(kernel, np.float32) + scale * delta).astype(kernel.dtype)
-    out = _set(out, path, dict(dense, kernel=merged))
+    out = params.with_at(out, path, dict(dense, kernel=merged))
   return out
 
 
@@ -188,7 +174,7 @@ def load(path: str, weight_name: str = "") -> dict:
   flat = lora_weights.read(path, weight_name)
   out = {}
   for module, ab in flat.items():
-    out = _set(out, "blocks/" + module, ab)
+    out = params.with_at(out, "blocks/" + module, ab)
   return out
 
 
@@ -200,7 +186,7 @@ def save(directory: str, adapters, alpha: float):
   """
   flat = {}
   for path in modules(adapters):
-    ab = _get(adapters, path)
+    ab = params.at(adapters, path)
     a = np.asarray(ab["lora_a"], np.float32)
     flat[path.removeprefix("blocks/")] = {
         "lora_a": a, "lora_b": np.asarray(ab["lora_b"], np.float32) * (alpha / a.shape[-1])}
@@ -219,7 +205,7 @@ def start(cfg: transformer.Config, settings: Settings, key: jax.Array, dtype=jnp
     raise CheckpointError(f"the LoRA to continue adapts {', '.join(extra)}, which lora_targets "
                           f"does not train; widen lora_targets to include them")
   for path in modules(loaded):
-    mine, theirs = _get(adapters, path), _get(loaded, path)
+    mine, theirs = params.at(adapters, path), params.at(loaded, path)
     shape = mine["lora_a"].shape[:2] + mine["lora_b"].shape[2:]
     a, b = _fit(path, np.asarray(theirs["lora_a"]), np.asarray(theirs["lora_b"]), shape)
     rank = a.shape[-1]
@@ -229,7 +215,8 @@ def start(cfg: transformer.Config, settings: Settings, key: jax.Array, dtype=jnp
     pad = ((0, 0), (0, 0), (0, settings.rank - rank))
     a = np.pad(a, pad)
     b = np.pad(b, ((0, 0), (0, settings.rank - rank), (0, 0))) * (scale / settings.scale)
-    adapters = _set(adapters, path, {"lora_a": a.astype(dtype), "lora_b": b.astype(dtype)})
+    adapters = params.with_at(adapters, path, {"lora_a": a.astype(dtype),
+                                               "lora_b": b.astype(dtype)})
   return adapters
 
 

@@ -167,3 +167,19 @@ def matching(paths, pattern: str, field: str, what: str) -> tuple[str, ...]:
   if not found:
     raise ValueError(f"{field}={pattern!r} matches none of {what}: {', '.join(paths)}")
   return found
+
+
+def at(tree, path: str):
+  """The node of a nested dict at "a/b/c"."""
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree
+
+
+def with_at(tree: dict, path: str, value):
+  """A copy of nested dict `tree` with the node at "a/b/c" set to `value` (the rest shared,
+  missing levels created)."""
+  key, _, rest = path.partition("/")
+  out = dict(tree)
+  out[key] = with_at(tree.get(key, {}), rest, value) if rest else value
+  return out

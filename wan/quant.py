@@ -97,21 +97,15 @@ def targets(decls, pattern: str) -> tuple[str, ...]:
 
 def _map_layers(tree, paths, fn):
   """`tree` with fn(dense dict) in place of each dense layer at `paths` (the rest shared)."""
-  def put(node, keys):
-    if not keys:
-      return fn(node)
-    out = dict(node)
-    out[keys[0]] = put(node[keys[0]], keys[1:])
-    return out
   for path in paths:
-    tree = put(tree, path.split("/"))
+    tree = params.with_at(tree, path, fn(params.at(tree, path)))
   return tree
 
 
-def mark(params, settings: Settings):
-  """Quantization-aware training: the selected dense layers of `params` run quantized (an
+def mark(params_, settings: Settings):
+  """Quantization-aware training: the selected dense layers of `params_` run quantized (an
   empty "qt" entry tells `layers.dense`; no leaves are added)."""
-  return _map_layers(params, settings.targets, lambda d: dict(d, qt={}))
+  return _map_layers(params_, settings.targets, lambda d: dict(d, qt={}))
 
 
 def _channelwise(kernel) -> tuple[int, ...]:
@@ -119,7 +113,7 @@ def _channelwise(kernel) -> tuple[int, ...]:
   return (0, 2) if kernel.ndim == 3 else (1,)
 
 
-def quantize(params, settings: Settings):
+def quantize(params_, settings: Settings):
   """The frozen base with the selected kernels stored as QArrays (int8 / e4m3 values, float32
   per-output-channel scales); jit it with `shardings` as its out_shardings."""
   import qwix  # pylint: disable=import-outside-toplevel
@@ -129,7 +123,7 @@ def quantize(params, settings: Settings):
     return dict(dense, kernel=qwix.quantize(
         k, settings.weight_qtype, channelwise_axes=_channelwise(k),
         calibration_method=settings.weight_calibration, scale_dtype=jnp.float32))
-  return _map_layers(params, settings.targets, one)
+  return _map_layers(params_, settings.targets, one)
 
 
 def shardings(tree_shardings, quantized_abstract):
