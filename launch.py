@@ -154,6 +154,11 @@ def main(argv):
     _fail(f"--config={flags.FLAGS['config'].config_filename}: "
           f"{str(e).strip().splitlines()[-1].strip()}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file operation at INFO
+  if not _VERBOSE.value:
+    # orbax also logs each failure of its background threads with a traceback per thread; the
+    # failure reaches the run as an exception, which is reported once (--verbose keeps both).
+    logging.get_absl_handler().addFilter(
+        lambda record: not (record.levelno >= logging.ERROR and "/orbax/" in record.pathname))
   from wan.errors import UserError
   try:
     run(c)

@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from kernels import flash_gpu, flash_tpu
+from kernels import flash_gpu, flash_tpu, tuning
 from kernels.tuning import BlockSizes, block_sizes_for, device_key
 
 # Padding segment ids: a padded key never matches any query id (including a padded query's).
@@ -36,21 +36,31 @@ class KernelConfig:
   scale: float
 
 
-def resolve(head_dim, *, block_sizes=None, backend=None, interpret=None) -> KernelConfig:
-  """Picks the kernel body, interpret mode and block sizes for this process's devices.
+def resolve(head_dim, *, block_sizes=None, backend=None, interpret=None,
+            target=None) -> KernelConfig:
+  """Picks the kernel body, interpret mode and block sizes for the devices compiled for.
 
-  backend: "tpu" | "gpu" | None (None: the default backend; CPU runs the TPU body interpreted).
-  block_sizes: BlockSizes | dict | None; None takes the tuning-table entry of the device.
+  target: the tuning-table key of those devices ("v5p", "h100", "cpu", ...; kernels.tuning);
+  None: this process's devices. A target lets a CPU process compile for a TPU ahead of time.
+  backend: "tpu" | "gpu" | None (None: the target's; CPU runs the TPU body interpreted).
+  block_sizes: BlockSizes | dict | None; None takes the tuning-table entry of the target.
   """
-  platform = jax.default_backend()
+  if target is None:
+    platform = jax.default_backend()
+    platform = "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+  else:
+    platform = tuning.platform_of(target)
   if backend is None:
-    backend = "gpu" if platform in ("gpu", "cuda", "rocm") else "tpu"
+    backend = "gpu" if platform == "gpu" else "tpu"
   if backend not in _BODIES:
     raise ValueError(f"backend must be 'tpu' or 'gpu', got {backend!r}")
   if interpret is None:
     interpret = platform == "cpu"
   if block_sizes is None:
-    key = device_key() if platform != "cpu" else ("cpu" if interpret else backend)
+    if target is not None:
+      key = target
+    else:
+      key = device_key() if platform != "cpu" else ("cpu" if interpret else backend)
     sizes = block_sizes_for(key)
   else:
     sizes = BlockSizes.make(block_sizes)
@@ -202,17 +212,19 @@ def check_inputs(q, k, v, q_segment_ids, kv_segment_ids):
 
 
 def flash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, block_sizes=None,
-                    interpret=None, backend=None):
+                    interpret=None, backend=None, target=None):
   """Softmax attention with scale 1/sqrt(D), computed blockwise in Pallas.
 
   q: (B, Sq, H, D); k, v: (B, Skv, H, D); segment ids: (B, Sq) / (B, Skv) integers (a query
   attends to keys with an equal id; use them for padded text or packed sequences).
   block_sizes: BlockSizes | dict | None (the device's tuning-table entry).
   interpret: None = interpret mode on CPU. backend: "tpu" | "gpu" | None (by platform).
+  target: the tuning-table key of the devices compiled for (None: this process's; `resolve`).
   Returns (B, Sq, H, D) in q's dtype; float32 accumulation throughout.
   """
   check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
-  cfg = resolve(q.shape[-1], block_sizes=block_sizes, backend=backend, interpret=interpret)
+  cfg = resolve(q.shape[-1], block_sizes=block_sizes, backend=backend, interpret=interpret,
+                target=target)
   to_bhsd = lambda x: jnp.swapaxes(x, 1, 2)
   out = _flash(to_bhsd(q), to_bhsd(k), to_bhsd(v), q_segment_ids, kv_segment_ids, cfg)
   return jnp.swapaxes(out, 1, 2)

@@ -74,7 +74,8 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def ring_attention(q, k, v, *, axis_name, q_segment_ids=None, kv_segment_ids=None,
-                   strategy: str = "ring", block_sizes=None, interpret=None, backend=None):
+                   strategy: str = "ring", block_sizes=None, interpret=None, backend=None,
+                   target=None):
   """Attention of local queries against keys sharded over `axis_name` (inside shard_map).
 
   q: (B, Sq_local, H, D); k, v: (B, Skv_local, H, D); segment ids (B, Sq_local) /
@@ -83,7 +84,8 @@ def ring_attention(q, k, v, *, axis_name, q_segment_ids=None, kv_segment_ids=Non
   `flash_attention`. Returns (B, Sq_local, H, D) in q's dtype.
   """
   check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
-  cfg = resolve(q.shape[-1], block_sizes=block_sizes, backend=backend, interpret=interpret)
+  cfg = resolve(q.shape[-1], block_sizes=block_sizes, backend=backend, interpret=interpret,
+                target=target)
   to_bhsd = lambda x: jnp.swapaxes(x, 1, 2)
   if strategy == "all_gather":
     gather = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)

@@ -106,6 +106,13 @@ def device_key(device=None) -> str:
   return "cpu"
 
 
+def platform_of(key: str) -> str:
+  """"tpu" | "gpu" | "cpu": the platform of a table key."""
+  if key not in TABLE:
+    raise ValueError(f"unknown device key {key!r}; known: {sorted(TABLE)}")
+  return "cpu" if key == "cpu" else "gpu" if key in ("h100", "h200", "gpu") else "tpu"
+
+
 def block_sizes_for(key: str | None = None) -> BlockSizes:
   """The table entry for `key` (default: the first local device)."""
   return TABLE[key or device_key()]

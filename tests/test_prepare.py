@@ -3,6 +3,7 @@ ratios, frame rates, lengths, an image, and bad files) to a cache, training on i
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -382,8 +383,11 @@ def test_prepare_from_a_model_root_and_refuse_another_vae(clips, tmp_path):
 
 
 def test_ti2v_image_to_video_refuses_one_frame_clips(clips, tmp_path):
-  out = str(tmp_path / "cache")
-  _prepare(_config(wan22_ti2v, job="prepare", train_data_dir=clips, tfrecords_dir=out))
+  folder, out = tmp_path / "clips", str(tmp_path / "cache")
+  folder.mkdir()
+  for name in ("still.png", "still.txt", "square.mp4", "square.txt"):  # an image and a clip
+    shutil.copy(os.path.join(clips, name), folder / name)
+  _prepare(_config(wan22_ti2v, job="prepare", train_data_dir=str(folder), tfrecords_dir=out))
   with pytest.raises(ConfigError, match="one-frame clips"):
     plan.make(_config(wan22_ti2v, dataset_type="tfrecord", train_data_dir=out, model_type="I2V"),
               jax.devices())

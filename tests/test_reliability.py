@@ -6,6 +6,7 @@ larger batch."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +19,9 @@ import pytest
 from configs import wan21_t2v
 from wan import checkpoint, data, guards, plan, train
 from wan.errors import CheckpointError, ConfigError, TrainingStopped
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny(**overrides):
@@ -34,7 +38,8 @@ def _devices():
 
 def _all_checkpoints_finite(c):
   run_dir = os.path.join(c.output_dir, c.run_name)
-  ckpt = checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints"), 3, True)
+  ckpt = checkpoint.Checkpointer(c.checkpoint_dir or os.path.join(run_dir, "checkpoints"), 3,
+                                 True)
   steps = ckpt._manager.all_steps()  # pylint: disable=protected-access
   run = train.setup(plan.make(c, _devices()), _devices())
   try:
@@ -187,16 +192,20 @@ def test_a_second_run_on_the_same_directory_is_refused(tmp_path):
 
 
 def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path):
-  mesh = dict(ici_fsdp=2, ici_context=2)
-  eight = jax.devices()
-  common = dict(max_train_steps=4, checkpoint_every=8, precision="HIGHEST")
-  straight = train.train(plan.make(_tiny(ici_fsdp=8, output_dir=str(tmp_path / "a"), **common),
-                                   eight), eight)
-  c = dict(common, output_dir=str(tmp_path / "b"))
-  first = train.train(plan.make(_tiny(ici_fsdp=8, **dict(c, max_train_steps=2)), eight), eight)
-  four = jax.devices()[:4]
-  rest = train.train(plan.make(_tiny(**mesh, **c), four), four)
-  np.testing.assert_allclose(first + rest, straight, rtol=1e-5)
+  """A 4-step run on fsdp 8 checkpoints every step; its step-2 checkpoint alone continues on 4
+  devices as fsdp 2 x context 2, with the losses of the uninterrupted run's steps 3 and 4."""
+  eight, four = jax.devices(), jax.devices()[:4]
+  c = _tiny(ici_fsdp=8, max_train_steps=4, checkpoint_every=4, checkpoints_to_keep=4,
+            precision="HIGHEST", output_dir=str(tmp_path / "a"))
+  straight = train.train(plan.make(c, eight), eight)
+  moved = tmp_path / "b" / c.run_name / "checkpoints"
+  moved.parent.mkdir(parents=True)
+  os.rename(tmp_path / "a" / c.run_name / "checkpoints", moved)
+  for step in ("3", "4"):
+    shutil.rmtree(moved / step)
+  c.update(dict(ici_fsdp=2, ici_context=2, output_dir=str(tmp_path / "b")))
+  rest = train.train(plan.make(c, four), four)
+  np.testing.assert_allclose(rest, straight[2:], rtol=1e-5)
 
 
 def _truncate(step_dir):
@@ -229,3 +238,33 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_pa
   with pytest.raises(CheckpointError, match="checkpoint at step 6 .* cannot be restored"):
     train.train(plan.make(c, _devices()), _devices())
   assert sorted(os.listdir(checkpoints)) == before
+
+
+def test_a_full_disk_fails_the_save_with_one_message_and_keeps_the_earlier_checkpoints(tmp_path):
+  """The checkpoints go to a 1.6 MB tmpfs that holds two of the tiny model's (~0.65 MB each):
+  the third save fails with one message, and the two before it restore."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1600k", "tmpfs", str(disk)],
+                           capture_output=True)
+  if mounted.returncode:
+    pytest.skip("mounting a small tmpfs needs root")
+  try:
+    c = _tiny(max_train_steps=6, checkpoint_every=4, checkpoints_to_keep=10,
+              output_dir=str(tmp_path / "out"), checkpoint_dir=str(disk))
+    r = subprocess.run([sys.executable, "launch.py", "--config=configs/wan21_t2v.py:tiny",
+                        *(f"--config.{k}={getattr(c, k)}" for k in (
+                            "max_train_steps", "checkpoint_every", "checkpoints_to_keep",
+                            "output_dir", "checkpoint_dir", "global_batch_size",
+                            "write_metrics"))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "checkpoint at step 3 could not be written: no space left on the disk of" in last
+    assert "newest: step 2" in last, r.stderr[-3000:]
+    assert len(r.stderr.strip().splitlines()) < 20, r.stderr  # no thread noise
+    assert not [n for n in os.listdir(disk) if "tmp" in n]  # the partial write is gone
+    assert sorted(_all_checkpoints_finite(c)) == [1, 2]  # both restore
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)

@@ -119,12 +119,13 @@ def _ring_applies(q, k) -> bool:
 
 def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segment_ids=None,
               precision=None, block_sizes=None, min_seq_length: int = 0,
-              split_head_dim: bool = True):
+              split_head_dim: bool = True, target=None):
   """Attention over (B, S, H, D) tensors with the implementation named by `impl` (see IMPLS).
 
   block_sizes: flash block sizes (BlockSizes, dict, tuple of (name, value) pairs or None for
   the device's tuned entry). min_seq_length: shorter query sequences use dot_product.
   split_head_dim: dot_product layout (see `dot_product`). precision: dot_product matmuls.
+  target: the tuning-table key of the devices the kernels compile for (None: this process's).
   """
   if impl not in IMPLS:
     raise ValueError(f"attention implementation {impl!r} is not one of {list(IMPLS)}")
@@ -135,20 +136,22 @@ def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segm
                        precision=precision, split_head_dim=split_head_dim)
   if isinstance(block_sizes, tuple):
     block_sizes = dict(block_sizes)
-  flash = functools.partial(_flash_local, block_sizes=block_sizes)
+  flash = functools.partial(_flash_local, block_sizes=block_sizes, target=target)
   if impl == "cudnn_flash_te":
     return _per_device(_cudnn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=False)
   if impl == "ring" and _ring_applies(q, k):
-    ring = functools.partial(_ring_local, block_sizes=block_sizes)
+    ring = functools.partial(_ring_local, block_sizes=block_sizes, target=target)
     return _per_device(ring, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=True)
   return _per_device(flash, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=False)
 
 
-def _flash_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes):
+def _flash_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes, target):
   return kernels.flash_attention(q, k, v, q_segment_ids=q_segment_ids,
-                                 kv_segment_ids=kv_segment_ids, block_sizes=block_sizes)
+                                 kv_segment_ids=kv_segment_ids, block_sizes=block_sizes,
+                                 target=target)
 
 
-def _ring_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes):
+def _ring_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes, target):
   return kernels.ring_attention(q, k, v, axis_name=CONTEXT_AXIS, q_segment_ids=q_segment_ids,
-                                kv_segment_ids=kv_segment_ids, block_sizes=block_sizes)
+                                kv_segment_ids=kv_segment_ids, block_sizes=block_sizes,
+                                target=target)

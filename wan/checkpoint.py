@@ -7,6 +7,11 @@ restart finds the newest complete one. The RNG needs no saving: every step's key
 (seed, step).
 """
 
+import contextlib
+import errno
+import os
+import shutil
+
 import jax
 import orbax.checkpoint as ocp
 
@@ -24,6 +29,7 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int, save_optimizer: bool):
     self._save_optimizer = save_optimizer
     self._directory, self._keep = directory, keep
+    self._writing_step = None  # the step of the save in flight
     if not fs.is_remote(directory):
       fs.makedirs(directory)
     self._manager = self._open()
@@ -36,10 +42,26 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: dict, data_state: dict):
-    """Starts an asynchronous save of `state` at `step` (returns before the write finishes)."""
+    """Starts an asynchronous save of `state` at `step` (returns before the write finishes).
+    A failed write (of this save or of the one before, which orbax reports here) raises one
+    CheckpointError; the checkpoints completed before it stay intact."""
     saved = self._saved(state)
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(data_state)))
+    self.wait()  # the save before (orbax would wait for it anyway)
+    self._writing_step = step
+    with self._writing():
+      self._check_space(saved)
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(data_state)))
+
+  def _check_space(self, saved: dict):
+    """Refuses a save that the local disk cannot hold, before writing any of it (a write that
+    fails half-way leaves orbax's threads failing one by one)."""
+    if fs.is_remote(self._directory):
+      return
+    need = sum(x.nbytes for x in jax.tree.leaves(saved))
+    free = shutil.disk_usage(self._directory).free
+    if free < need:
+      raise _NoSpace(f"needs {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free")
 
   def restore(self, step: int, state_like: dict):
     """(state, data_state) at `step`, placed like `state_like` (arrays or ShapeDtypeStructs with
@@ -101,11 +123,67 @@ class Checkpointer:
             if k not in UNSAVED and (self._save_optimizer or k != "opt_state")}
 
   def wait(self):
-    self._manager.wait_until_finished()
+    with self._writing():
+      self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Turns a failed checkpoint write into one CheckpointError saying what to do."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
+      step = self._writing_step
+      done = [s for s in self._manager.all_steps() if s != step]
+      kept = (f"the checkpoints before it are intact (newest: step {max(done)}), and a rerun "
+              f"resumes from there" if done else "no earlier checkpoint exists")
+      what = f"checkpoint at step {step}" if step is not None else "a checkpoint"
+      if _no_space(e):
+        self._remove_partial()
+        raise CheckpointError(
+            f"{what} could not be written: no space left on the disk of {self._directory}"
+            + (f" ({e})" if isinstance(e, _NoSpace) else "") + f"; "
+            f"{kept}. Free space there (or set checkpoint_dir to a disk with room, or lower "
+            f"checkpoints_to_keep), then rerun the same command") from None
+      raise CheckpointError(f"{what} could not be written to {self._directory}: "
+                            f"{_first_line(e)}; {kept}") from e
+
+  def _remove_partial(self):
+    """Deletes orbax's unfinished temporary directories (they only hold the failed write)."""
+    if jax.process_index() != 0 or fs.is_remote(self._directory):
+      return
+    for name in os.listdir(self._directory):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(self._directory, name), ignore_errors=True)
+
+
+class _NoSpace(OSError):
+  def __init__(self, detail: str):
+    super().__init__(errno.ENOSPC, detail)
+
+  def __str__(self):
+    return self.strerror
+
+
+def _chain(e: BaseException):
+  while e is not None:
+    yield e
+    e = e.__cause__ or e.__context__
+
+
+def _no_space(e: BaseException) -> bool:
+  return any((isinstance(x, OSError) and x.errno == errno.ENOSPC)
+             or "No space left on device" in str(x) for x in _chain(e))
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip() or type(e).__name__
+  return text.splitlines()[0][:300]
 
 
 def latest_params(directory: str, params_like):

@@ -18,6 +18,7 @@ its own parameters for in-training samples (wan/evaluate.py).
 """
 
 import dataclasses
+import functools
 import html
 import re
 import sys
@@ -265,7 +266,8 @@ def condition(pipe: Pipe, image, latent_shape, num_frames: int) -> tuple[str, di
 # Sampling.
 
 
-def _velocity(params, x, t, text, image, cond, scale, *, model, options, kind, guided):
+@functools.partial(jax.jit, static_argnames=("model", "options", "kind", "guided"))
+def velocity(params, x, t, text, image, cond, scale, *, model, options, kind, guided):
   """The (guided) velocity at latents x (B, F, H, W, C), timestep t (scalar): with guidance the
   conditional and unconditional halves run as one batch (text: (2B, L, D), conditional first)."""
   b = x.shape[0]
@@ -283,8 +285,6 @@ def _velocity(params, x, t, text, image, cond, scale, *, model, options, kind, g
     v = v_uncond + scale * (v_cond - v_uncond)
   return v
 
-
-_velocity_jit = jax.jit(_velocity, static_argnames=("model", "options", "kind", "guided"))
 
 
 def _progress(i: int, total: int, start: float):
@@ -322,8 +322,8 @@ def denoise(pipe: Pipe, latents, text, negative, schedule: samplers.Schedule, *,
       high = boundary_t is None or t >= boundary_t
       params = pipe.experts["high_noise" if high else "low_noise"]
       scale = guidance_scale if high else guidance_scale_2
-      v = _velocity_jit(params, x, jnp.float32(t), both, image_states, cond, jnp.float32(scale),
-                        model=pipe.model, options=pipe.options, kind=kind, guided=guided)
+      v = velocity(params, x, jnp.float32(t), both, image_states, cond, jnp.float32(scale),
+                   model=pipe.model, options=pipe.options, kind=kind, guided=guided)
       x, state = samplers.step(schedule, state, i, v, x)
       if progress:
         _progress(i, steps, start)

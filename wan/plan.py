@@ -13,6 +13,8 @@ import dataclasses
 import math
 import os
 
+import kernels
+
 from wan import (families, flow, fs, lora, optim, params, plan_data, plan_lora, plan_sample,
                  quant, remat, sharding, transformer, vae)
 from wan.data import sources
@@ -145,17 +147,20 @@ MAX_REPLICATED_BYTES = 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Devices:
-  """What the plan needs to know of the devices: count, hosts, DCN granules and platform."""
+  """What the plan needs to know of the devices: count, hosts, DCN granules, platform and the
+  kernels' tuning-table key (None: the kernels ask the process's devices when they trace)."""
   count: int
   processes: int = 1
   granules: int | None = None  # slices or hosts the DCN axes span; default one per process
   platform: str = "cpu"
+  kernel: str | None = None
 
   @classmethod
   def of(cls, devices) -> "Devices":
     devices = list(devices)
     return cls(len(devices), len({d.process_index for d in devices}),
-               sharding.granules(devices)[1], devices[0].platform)
+               sharding.granules(devices)[1], devices[0].platform,
+               kernels.device_key(devices[0]))
 
 
 DataSettings = plan_data.DataSettings
@@ -455,7 +460,7 @@ def _quantization(c, model) -> quant.Settings | None:
     _fail(str(e))
 
 
-def _options(c, model) -> transformer.Options:
+def _options(c, model, devices: Devices) -> transformer.Options:
   try:
     return transformer.Options(
         weights_dtype=c.weights_dtype, activations_dtype=c.activations_dtype,
@@ -466,7 +471,7 @@ def _options(c, model) -> transformer.Options:
         mask_padding_tokens=c.mask_padding_tokens, scan_layers=c.scan_layers,
         remat_policy=c.remat_policy, names_which_can_be_saved=names(c.names_which_can_be_saved),
         names_which_can_be_offloaded=names(c.names_which_can_be_offloaded), dropout=c.dropout,
-        quantization=_quantization(c, model))
+        quantization=_quantization(c, model), kernel_target=devices.kernel)
   except ValueError as e:
     _fail(str(e))
 
@@ -698,7 +703,7 @@ def make(c, devices) -> Plan:
   if not isinstance(devices, Devices):
     devices = Devices.of(devices)
   family, vae_cfg, weights_path, model, boundary, ici, dcn = _model_and_mesh(c, devices, "train")
-  options = _options(c, model)
+  options = _options(c, model, devices)
   mesh_shape = {a: ici[a] * dcn[a] for a in sharding.MESH_AXES}
   latent_shape = _latent_shape(c, model, vae_cfg)
   global_batch = _batch(c, devices, mesh_shape)
@@ -810,7 +815,7 @@ def generation(c, devices) -> Generation:
   _check_tokens(shape, model, ici["context"] * dcn["context"], devices.count)
   out = _outputs(c)
   lora_settings, lora_loads = _lora(c, model)
-  return Generation(family=family, model=model, options=_options(c, model),
+  return Generation(family=family, model=model, options=_options(c, model, devices),
                     root=fs.absolute(c.pretrained_model_name_or_path), weights=weights_path,
                     expert=c.expert, boundary=boundary, ici=ici, dcn=dcn,
                     encoding=plan_data.encoders(c, family, model), sampling=sampling,
@@ -864,7 +869,7 @@ def export(c, devices) -> Export:
     _fail(f"pretrained_model_name_or_path={root} is not a diffusers model root "
           "(model_index.json): export copies its other components; use the diffusers root")
   lora_settings, lora_loads = _lora(c, model)
-  return Export(family=family, model=model, options=_options(c, model), root=root,
+  return Export(family=family, model=model, options=_options(c, model, devices), root=root,
                 weights=weights_path, expert=c.expert, seed=int(c.seed), ici=ici, dcn=dcn,
                 checkpoint_dir=_outputs(c).checkpoint_dir, export_dir=export_dir,
                 merged=bool(c.export_merged), lora=lora_settings, lora_loads=lora_loads)

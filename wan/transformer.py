@@ -104,6 +104,10 @@ class Options:
   attention: str = "dot_product"
   flash_min_seq_length: int = 0
   flash_block_sizes: tuple | None = None  # ((name, size), ...) overriding the tuned entry
+  # The kernels.tuning key of the devices the flash kernels compile for ("v5p", "h100", ...;
+  # None: this process's devices). The plan sets it from its devices, so a CPU process can
+  # compile a TPU step ahead of time (benchmarks/capacity.py).
+  kernel_target: str | None = None
   split_head_dim: bool = True  # dot_product layout: heads as their own einsum dimension
   attention_sharding_uniform: bool = True  # K/V sharded over context like the queries
   mask_padding_tokens: bool = False
@@ -130,6 +134,8 @@ class Options:
                        "tuple(sorted(block_sizes.items())) for a dict")
     if self.flash_block_sizes:
       kernels.BlockSizes.make(dict(self.flash_block_sizes))  # unknown names: a clear error
+    if self.kernel_target is not None:
+      kernels.tuning.platform_of(self.kernel_target)  # unknown keys: a clear error
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"dropout={self.dropout} must be in [0, 1)")
     remat.check_names(self.names_which_can_be_saved + self.names_which_can_be_offloaded)
@@ -294,7 +300,8 @@ def _attend(q, k, v, opts: Options, segment_ids=None):
   return attention.attention(
       q, k, v, impl=opts.attention, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       precision=PRECISIONS[opts.precision], block_sizes=opts.flash_block_sizes,
-      min_seq_length=opts.flash_min_seq_length, split_head_dim=opts.split_head_dim)
+      min_seq_length=opts.flash_min_seq_length, split_head_dim=opts.split_head_dim,
+      target=opts.kernel_target)
 
 
 def self_attention(p, x, rope, cfg: Config, opts: Options, segment_ids=None):

@@ -1,0 +1,323 @@
+"""Capacity planner: will this run fit on that TPU slice? Answered on any machine, no TPU needed.
+
+  pip install "jax[tpu]==<the installed jax>"   # libtpu beside jax; not a project dependency
+  python benchmarks/capacity.py --config=configs/wan21_t2v.py:14b --topology=v5p-8 \
+      --config.height=720 --config.width=1280 --config.remat_policy=FULL
+
+It AOT-compiles the run's real train step (`--job=generate`: one denoising step of sampling,
+both guidance halves in one call) for the TPU topology with libtpu's compiler, the real Pallas
+flash kernels and the topology's tuning-table entry included, and prints per device: the
+arguments (the train state and the batch), the temporaries, the outputs, their total, the chip's
+HBM, whether it fits, and the largest arrays. The last line is one JSON object (`topology`,
+`devices`, `per_device_gib`, `hbm_gib`, `fits`, ...). A config that does not fit is reported as
+such (`"fits": false`), also when the compiler itself refuses it for memory; any other config
+error is one message, exit status 1.
+
+Topologies: libtpu's names (v4:2x2x1, v5e:2x2, v5p:2x2x1 ... v5p:4x4x4, v6e:2x4, v6e:8x8,
+tpu7x:2x2x1) or the Cloud TPU names v4-8, v5p-8 ... v5p-128, v5litepod-4 / v5e-4, v6e-8 ...
+Data: the config's resolution and frames on synthetic batches (the planner reads no data).
+"""
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file[:variant].")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology (see the docstring).")
+_JOB = flags.DEFINE_enum("job", "train", ["train", "generate"],
+                         "train: the train step; generate: one sampling step.")
+_TOP = flags.DEFINE_integer("top", 8, "How many of the largest arrays to list.")
+
+GIB = 2**30
+
+# HBM per chip (GiB) of each tuning-table generation; a device is a chip or, where libtpu shows
+# each TensorCore as its own device (v4, 7x here), half of one.
+HBM_PER_CHIP_GIB = {"v4": 32, "v5e": 16, "v5p": 95, "v6e": 32, "7x": 192}
+
+# Cloud TPU slice names: generation -> (libtpu name, TensorCores per chip in the count, chip
+# grids by chip count). v4 and v5p names count TensorCores, v5e and v6e chips.
+_GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+             256: "4x8x8", 512: "8x8x8"}
+_GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+             256: "16x16"}
+_ALIASES = {"v4": ("v4", 2, _GRIDS_3D), "v5p": ("v5p", 2, _GRIDS_3D),
+            "v5litepod": ("v5e", 1, _GRIDS_2D), "v5e": ("v5e", 1, _GRIDS_2D),
+            "v6e": ("v6e", 1, _GRIDS_2D)}
+
+
+def topology_name(name: str) -> str:
+  """libtpu's topology name for `name` ("v5p-8" -> "v5p:2x2x1"; libtpu names unchanged)."""
+  m = re.fullmatch(r"([a-z0-9]+)-(\d+)", name)
+  if not m:
+    return name
+  gen, count = m.group(1), int(m.group(2))
+  if gen not in _ALIASES:
+    raise ValueError(f"unknown TPU slice {name!r}; Cloud names: "
+                     f"{', '.join(g + '-N' for g in _ALIASES)}, or a libtpu name like v5p:2x2x1")
+  lib, cores, grids = _ALIASES[gen]
+  chips = count // cores
+  if count % cores or chips not in grids:
+    raise ValueError(f"{name}: no {gen} slice of {count}; choose from "
+                     f"{', '.join(f'{gen}-{n * cores}' for n in grids)}")
+  return f"{lib}:{grids[chips]}"
+
+
+def topology_devices(name: str):
+  """The devices of a TPU topology (needs libtpu; no TPU)."""
+  # Compiling only: no claim on the machine's TPU (if any), so several planners run at once.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  from jax.experimental import topologies
+  return topologies.get_topology_desc(platform="tpu", topology_name=topology_name(name)).devices
+
+
+def hbm_gib(devices) -> float:
+  """HBM per device of `devices` (GiB)."""
+  import kernels
+  key = kernels.device_key(devices[0])
+  chips = len({tuple(d.coords) for d in devices})
+  return HBM_PER_CHIP_GIB[key] * chips / len(devices)
+
+
+@dataclasses.dataclass
+class Report:
+  """Per-device memory of one compiled program (bytes), and what it is made of."""
+  topology: str
+  devices: int
+  device_kind: str
+  mesh: dict
+  arguments: int
+  temporaries: int
+  outputs: int
+  aliased: int  # outputs that reuse an argument's buffer (the donated state)
+  code: int
+  hbm: float
+  largest: list  # (bytes per device, what)
+  program: str = ""  # what was compiled
+  refused: str = ""  # the compiler's out-of-memory message, when it refused
+
+  @property
+  def total(self) -> int:
+    return self.arguments + self.temporaries + self.outputs - self.aliased + self.code
+
+  @property
+  def fits(self) -> bool:
+    return not self.refused and self.total <= self.hbm
+
+  def summary(self) -> dict:
+    return {"topology": self.topology, "devices": self.devices, "device_kind": self.device_kind,
+            "program": self.program, "mesh": self.mesh, "per_device_gib": round(self.total / GIB, 3),
+            "arguments_gib": round(self.arguments / GIB, 3),
+            "temporaries_gib": round(self.temporaries / GIB, 3),
+            "outputs_gib": round(self.outputs / GIB, 3), "hbm_gib": round(self.hbm / GIB, 2),
+            "fits": self.fits, **({"refused": self.refused} if self.refused else {})}
+
+
+def _shard_bytes(x) -> int:
+  """Bytes of one device's shard of a ShapeDtypeStruct with a sharding."""
+  import numpy as np
+  shape = x.sharding.shard_shape(x.shape)
+  return int(np.prod(shape, dtype=np.int64)) * x.dtype.itemsize
+
+
+def _largest_arguments(tree, top: int) -> list:
+  import jax
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  sized = [(_shard_bytes(x), "argument " + jax.tree_util.keystr(path, simple=True, separator="/"))
+           for path, x in leaves]
+  return sorted(sized, reverse=True)[:top]
+
+
+_SHAPE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\]")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+          "f8e4m3fn": 1, "f8e5m2": 1, "s64": 8, "f64": 8}
+
+
+def _largest_values(hlo_text: str, top: int) -> list:
+  """The largest arrays the compiled program computes (per device), with the op that makes
+  them: where the temporaries go."""
+  import math
+  found = {}
+  for line in hlo_text.splitlines():
+    m = _SHAPE.match(line)
+    if not m or m.group(2) not in _BYTES:
+      continue
+    dims = [int(d) for d in m.group(3).split(",") if d]
+    nbytes = math.prod(dims) * _BYTES[m.group(2)]
+    array = f"{m.group(2)}[{m.group(3)}]"
+    op = re.search(r'op_name="([^"]+)"', line)
+    if array not in found or (op and not found[array][1]):  # one line per array shape
+      found[array] = (nbytes, op.group(1) if op else "")
+  return sorted(((b, f"value {a} {op}".rstrip()) for a, (b, op) in found.items()),
+                reverse=True)[:top]
+
+
+def _report(name, devices, mesh, compiled, arguments_tree, top) -> Report:
+  m = compiled.memory_analysis()
+  largest = sorted(_largest_arguments(arguments_tree, top)
+                   + _largest_values(compiled.as_text(), top), reverse=True)[:top]
+  return Report(topology=name, devices=len(devices), device_kind=devices[0].device_kind,
+                mesh=dict(mesh.shape), arguments=m.argument_size_in_bytes,
+                temporaries=m.temp_size_in_bytes, outputs=m.output_size_in_bytes,
+                aliased=m.alias_size_in_bytes, code=m.generated_code_size_in_bytes,
+                hbm=hbm_gib(devices) * GIB, largest=largest)
+
+
+def _refused(name, devices, mesh, error: Exception) -> Report | None:
+  """A Report for a compile the TPU compiler refused for lack of memory (else None)."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+    return None
+  first = next((ln for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0])
+  temporaries = refused_temporaries(first)
+  return Report(topology=name, devices=len(devices), device_kind=devices[0].device_kind,
+                mesh=dict(mesh.shape), arguments=0, temporaries=temporaries, outputs=0,
+                aliased=0, code=0, hbm=hbm_gib(devices) * GIB, largest=[],
+                refused=first.strip()[:300])
+
+
+def refused_temporaries(message: str) -> int:
+  """The temporaries (bytes) named by libtpu's out-of-memory message ("... the total memory
+  required for HLO temporaries (247.73G) exceeds available HBM (95.74G)"); 0 if none."""
+  size = re.search(r"temporaries \(([\d.]+)([GMK])\)", message)
+  return int(float(size.group(1)) * {"G": GIB, "M": 2**20, "K": 2**10}[size.group(2)]) \
+      if size else 0
+
+
+def plan_config(c):
+  """The config as the planner compiles it: TPU hardware, synthetic batches of its shape."""
+  c = c.copy_and_resolve_references()
+  c.hardware = "tpu"
+  if c.job == "train":
+    c.dataset_type = "synthetic"
+  return c
+
+
+def train_program(c, devices):
+  """(compiled train step, its arguments, mesh) for config `c` on `devices`."""
+  import jax
+  from wan import plan as plan_lib, train
+  from wan.data import batch as batch_lib
+  plan = plan_lib.make(c, plan_lib.Devices.of(devices))
+  run = train.setup(plan, devices)
+  state = train.abstract_state(run)
+  batch = batch_lib.abstract(plan, run.mesh)
+  with jax.set_mesh(run.mesh):
+    lowered = train.make_step(run).lower(state, batch)
+  what = (f"train step of {plan.family.name}" + (" (both experts)" if plan.expert == "both"
+                                                 else "")
+          + (f" LoRA rank {plan.lora.rank}" if plan.lora else "")
+          + f", global batch {plan.global_batch}, {plan.seq_len} tokens/sample, remat "
+          f"{plan.options.remat_policy}, {plan.options.weights_dtype} weights")
+  return lowered, (state, batch), run.mesh, what
+
+
+def measure(c, topology: str, job: str = "train", top: int = 8) -> Report:
+  """Compiles config `c`'s `job` program for `topology` and returns its Report."""
+  devices = topology_devices(topology)
+  c = plan_config(c)
+  lowered, args, mesh, what = (train_program if job == "train" else sample_program)(c, devices)
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # the TPU compiler refuses what does not fit
+    report = _refused(topology, devices, mesh, e)
+    if report is None:
+      raise
+    return dataclasses.replace(report, program=what)
+  return dataclasses.replace(_report(topology, devices, mesh, compiled, args, top), program=what)
+
+
+def sample_program(c, devices):
+  """(one compiled denoising step of job=generate, its arguments, mesh): the transformer's
+  guided velocity (both guidance halves in one batch, as wan.pipeline runs it) for one video."""
+  import tempfile
+  import jax
+  import jax.numpy as jnp
+  from wan import (conditioning, families, pipeline, plan as plan_lib, plan_sample, sharding,
+                   transformer, vae)
+  from wan.numerics import DTYPES
+  c.job = "generate"
+  if not (c.prompt or c.prompts_file):
+    c.prompt = "capacity planning"  # the prompt's words do not change the program
+  with tempfile.TemporaryDirectory() as tmp:
+    family = families.FAMILIES[families.PRESET_FAMILIES[c.model_preset]]
+    if plan_sample.needs_image(family, c.model_type) and not c.image:
+      c.image = os.path.join(tmp, "image.png")  # only its shape matters; never read
+      open(c.image, "wb").close()
+    gen = plan_lib.generation(c, plan_lib.Devices.of(devices))
+  mesh = sharding.make_mesh(gen.ici, gen.dcn, devices)
+  s, model = gen.sampling, gen.model
+  replicated = jax.NamedSharding(mesh, jax.P())
+  spec = lambda shape, dtype=jnp.float32: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+  params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                        transformer.abstract(model, DTYPES[gen.options.weights_dtype]),
+                        transformer.shardings(model, mesh))
+  vae_cfg = vae.PRESETS[gen.family.vae]
+  shape = (1, (s.num_frames - 1) // vae_cfg.scale_factor_temporal + 1,
+           s.height // vae_cfg.scale_factor_spatial, s.width // vae_cfg.scale_factor_spatial,
+           vae_cfg.z_dim)
+  guided = s.guidance_scale > 1.0
+  kind = gen.family.conditioning(c.model_type) if s.image or c.model_type == "I2V" else "none"
+  cond = ({"cond": spec(shape), "cond_mask": spec(shape[:4] + (conditioning.MASK_CHANNELS,))}
+          if kind == "concat" else
+          {"first_frame": spec((1, 1) + shape[2:])} if kind == "first_frame" else {})
+  image = spec((1, gen.family.image_tokens, model.image_dim)) if gen.family.image_tokens else None
+  args = (params, spec(shape), spec(()), spec((2 if guided else 1, s.max_sequence_length,
+                                               model.text_dim)), image, cond, spec(()))
+  with jax.set_mesh(mesh):
+    lowered = pipeline.velocity.lower(*args, model=model, options=gen.options, kind=kind,
+                                      guided=guided)
+  pt, ph, pw = model.patch_size
+  tokens = (shape[1] // pt) * (shape[2] // ph) * (shape[3] // pw)
+  what = (f"one sampling step of {gen.family.name} ({s.num_frames}x{s.height}x{s.width}, "
+          f"{tokens} tokens, {'both guidance halves in one batch' if guided else 'no guidance'}"
+          f"), {gen.options.weights_dtype} weights; the text encoder, VAE and CLIP the job "
+          f"also holds are not counted")
+  return lowered, args, mesh, what
+
+
+def print_report(r: Report):
+  mib = lambda b: f"{b / GIB:8.2f} GiB"
+  print(f"program         {r.program}")
+  print(f"topology        {r.topology}: {r.devices} x {r.device_kind}, mesh {r.mesh}")
+  if r.refused:
+    print(f"refused by the compiler: {r.refused}")
+  else:
+    print(f"arguments       {mib(r.arguments)}   (parameter and optimizer shards, inputs)")
+    print(f"temporaries     {mib(r.temporaries)}")
+    print(f"outputs         {mib(r.outputs)}   ({mib(r.aliased).strip()} of it in donated "
+          f"argument buffers)")
+    print(f"total           {mib(r.total)}   per device")
+  print(f"HBM             {mib(r.hbm)}   per device")
+  print(f"fits            {'yes' if r.fits else 'NO'}")
+  if r.largest:
+    print("largest arrays (per device):")
+    for nbytes, what in r.largest:
+      print(f"  {mib(nbytes)}  {what}")
+  print(json.dumps(r.summary()))
+
+
+def main(argv):
+  del argv
+  if importlib.util.find_spec("libtpu") is None:
+    import jax
+    sys.exit("the capacity planner compiles with libtpu's TPU compiler, which is not installed: "
+             f'pip install "jax[tpu]=={jax.__version__}" (no TPU is needed; keep it out of '
+             "requirements.txt)")
+  from wan.errors import ConfigError
+  try:
+    report = measure(_CONFIG.value, _TOPOLOGY.value, _JOB.value, _TOP.value)
+  except (ConfigError, ValueError) as e:
+    sys.exit(f"error: {e}")
+  print_report(report)
+
+
+if __name__ == "__main__":
+  app.run(main)

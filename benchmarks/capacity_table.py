@@ -1,0 +1,139 @@
+"""The README's capacity table: every variant x resolution x remat policy x slice, each cell one
+run of benchmarks/capacity.py (needs libtpu; no TPU).
+
+  python benchmarks/capacity_table.py --results=capacity.jsonl        # compile what is missing
+  python benchmarks/capacity_table.py --results=capacity.jsonl --print_only
+
+Results are appended to --results as they come (one JSON line per cell), so an interrupted
+sweep continues where it stopped. Per-device batch 1 (global batch = the slice's devices), 81
+frames, bf16, flash attention with the slice's tuning. It prints the markdown table: GiB per
+device and whether it fits for each policy, and the cheapest policy that fits (the one that
+recomputes least: NONE, then MATMUL_WITHOUT_BATCH, then FULL).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl import app, flags
+
+_RESULTS = flags.DEFINE_string("results", "capacity.jsonl", "JSON lines of measured cells.")
+_PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the table; compile nothing.")
+_SLICES = flags.DEFINE_list("slices", ["v5p-8", "v6e-8", "v5p-128"], "Slices (columns).")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+VARIANTS = {
+    "Wan 2.1 T2V 1.3B": ("configs/wan21_t2v.py:1.3b", ()),
+    "Wan 2.1 T2V 14B": ("configs/wan21_t2v.py:14b", ()),
+    "Wan 2.1 I2V 14B": ("configs/wan21_i2v.py:14b", ()),
+    "Wan 2.2 A14B, one expert": ("configs/wan22_t2v.py:a14b", ()),
+    "Wan 2.2 A14B, both experts": ("configs/wan22_t2v.py:a14b", ("--config.expert=both",)),
+    "Wan 2.2 A14B, LoRA rank 32": ("configs/wan22_t2v.py:a14b",
+                                   ("--config.enable_lora=True", "--config.lora_config.rank=32")),
+    "Wan 2.2 TI2V 5B": ("configs/wan22_ti2v.py:5b", ()),
+}
+# (height, width) per resolution; TI2V 5B's 720p is its native 704 x 1280 (32-pixel multiples).
+RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
+TI2V_720P = (704, 1280)
+POLICIES = ("NONE", "MATMUL_WITHOUT_BATCH", "FULL")  # least recomputation first
+
+
+def _size(variant, resolution):
+  if variant.endswith("TI2V 5B") and resolution == "720p":
+    return TI2V_720P
+  return RESOLUTIONS[resolution]
+
+
+def _key(variant, resolution, policy, slice_name):
+  return f"{variant} | {resolution} | {policy} | {slice_name}"
+
+
+def _measure(variant, resolution, policy, slice_name) -> dict:
+  config, extra = VARIANTS[variant]
+  height, width = _size(variant, resolution)
+  cmd = [sys.executable, os.path.join(ROOT, "benchmarks/capacity.py"), f"--config={config}",
+         f"--topology={slice_name}", f"--config.height={height}", f"--config.width={width}",
+         "--config.num_frames=81", "--config.per_device_batch_size=1",
+         f"--config.remat_policy={policy}", "--top=0", *extra]
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  lines = r.stdout.strip().splitlines()
+  if r.returncode or not lines:
+    tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": tail[:300]}
+  return json.loads(lines[-1])
+
+
+def _load(path) -> dict:
+  done = {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        entry = json.loads(line)
+        done[entry["key"]] = entry["result"]
+  return done
+
+
+def _cell(result) -> str:
+  if result is None:  # not compiled: FULL does not fit, or NONE already does
+    return "–"
+  if "error" in result:
+    return "error"
+  if result.get("refused"):  # the compiler stops at the temporaries: a lower bound
+    return f">{result['per_device_gib']:.0f} ✗"
+  return f"{result['per_device_gib']:.1f}{'' if result['fits'] else ' ✗'}"
+
+
+def table(done: dict, slices) -> str:
+  """The markdown table of the measured cells."""
+  head = ["variant", "res"] + [f"{s} {p}" for s in slices for p in ("cheapest",)] + [
+      f"{s} GiB ({'/'.join(p[:4] for p in POLICIES)})" for s in slices]
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for variant in VARIANTS:
+    for resolution in RESOLUTIONS:
+      cheapest, sizes = [], []
+      for s in slices:
+        results = [done.get(_key(variant, resolution, p, s)) for p in POLICIES]
+        fitting = [p for p, r in zip(POLICIES, results) if r and r.get("fits")]
+        full = results[POLICIES.index("FULL")]
+        cheapest.append(fitting[0] if fitting else "none fits" if full else "–")
+        sizes.append(" / ".join(_cell(r) for r in results))
+      rows.append(f"| {variant} | {resolution} | " + " | ".join(cheapest + sizes) + " |")
+  return "\n".join(rows)
+
+
+def main(argv):
+  del argv
+  done = _load(_RESULTS.value)
+  if not _PRINT_ONLY.value:
+    for s in _SLICES.value:
+      for variant in VARIANTS:
+        for resolution in RESOLUTIONS:
+          while (policy := _next(done, variant, resolution, s)) is not None:
+            key = _key(variant, resolution, policy, s)
+            done[key] = _measure(variant, resolution, policy, s)
+            with open(_RESULTS.value, "a") as f:
+              f.write(json.dumps({"key": key, "result": done[key]}) + "\n")
+            print(key, "->", _cell(done[key]), flush=True)
+  print(table(done, _SLICES.value))
+
+
+def _next(done, variant, resolution, slice_name):
+  """The next policy to compile (None: done), FULL first: memory grows as recomputation
+  shrinks, so when FULL does not fit nothing else is compiled, and when NONE fits the middle
+  one is not."""
+  get = lambda p: done.get(_key(variant, resolution, p, slice_name))
+  if get("FULL") is None:
+    return "FULL"
+  if not get("FULL").get("fits"):
+    return None
+  if get("NONE") is None:
+    return "NONE"
+  if get("NONE").get("fits") or get("MATMUL_WITHOUT_BATCH") is not None:
+    return None
+  return "MATMUL_WITHOUT_BATCH"
+
+
+if __name__ == "__main__":
+  app.run(main)
