@@ -57,7 +57,8 @@ def _weights(gen: Generation, mesh) -> dict:
   dtype = DTYPES[gen.options.weights_dtype]
   names = ("high_noise", "low_noise") if gen.family.experts else ("high_noise",)
   if gen.weights:
-    return {name: transformer.load(gen.weights, dtype, expert=name)[1] for name in names}
+    return {name: transformer.load(gen.weights, dtype, expert=name, mesh=mesh)[1]
+            for name in names}
   shardings = transformer.shardings(gen.model, mesh)
   init = jax.jit(lambda k: transformer.init(gen.model, k, dtype), out_shardings=shardings)
   return {name: init(experts.init_key(gen.sampling.seed, gen.expert, name)) for name in names}

@@ -154,11 +154,12 @@ def _pretrained(run: Run, expert: str, shardings, merged=()):
   plan = run.plan
   dtype = DTYPES[plan.options.weights_dtype]
   if plan.weights:
-    cfg, host = transformer.load(plan.weights, dtype, expert=expert)
+    # Each process reads only the parts of the weights that its devices hold.
+    cfg, placed = transformer.load(plan.weights, dtype, expert=expert, mesh=run.mesh)
     if cfg != plan.model:  # the plan read the same checkpoint's config.json
       raise CheckpointError(f"{plan.weights} changed while the run started: its architecture "
                             f"is now {cfg}, the plan's {plan.model}")
-    return jax.device_put(lora.apply(host, merged), shardings)
+    return jax.device_put(lora.apply(placed, merged), shardings)
   p = jax.jit(lambda k: transformer.init(plan.model, k, dtype), out_shardings=shardings)(
       experts.init_key(plan.seed, plan.expert, expert))
   return jax.device_put(lora.apply(p, merged), shardings) if merged else p

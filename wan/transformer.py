@@ -551,19 +551,21 @@ def forward_packed(params_, cfg: Config, tokens, positions, segment_ids, timeste
                   pairs, options, dropout_rng)
 
 
-def load(path: str, dtype=jnp.float32, *, expert: str = "high_noise"):
+def load(path: str, dtype=jnp.float32, *, expert: str = "high_noise", mesh=None):
   """(cfg, params) of a diffusers or original Wan-AI checkpoint (see wan/weights/transformer.py).
 
   `path`: a transformer directory, a diffusers model root (`expert="low_noise"` picks the Wan 2.2
-  A14B transformer_2/) or an original Wan-AI directory or root; local or bucket. params: host
-  NumPy arrays in `dtype` (norms and modulation tables float32); place them with
-  `jax.device_put(params, shardings(cfg, mesh))`. Any missing, mis-shaped or unexpected tensor is
-  named in one CheckpointError.
+  A14B transformer_2/) or an original Wan-AI directory or root; local or bucket. params: in
+  `dtype` (norms and modulation tables float32), host NumPy arrays, or with `mesh` jax Arrays
+  sharded by `shardings(cfg, mesh)`, each process reading and converting only the parts its
+  devices hold (a 14B model is never whole in any host's memory). Any missing, mis-shaped or
+  unexpected tensor is named in one CheckpointError.
   """
   ckpt = transformer_weights.read(path, expert)
   cfg = Config.from_diffusers(ckpt.architecture)
-  return cfg, transformer_weights.to_params(ckpt.tensors, declarations(cfg), ckpt.layout, dtype,
-                                            ckpt.directory)
+  return cfg, transformer_weights.to_params(
+      ckpt.tensors, declarations(cfg), ckpt.layout, dtype, ckpt.directory,
+      shardings=None if mesh is None else shardings(cfg, mesh))
 
 
 def save(path: str, cfg: Config, params_, max_shard_bytes: int = 5 * 2**30):

@@ -154,21 +154,54 @@ def check(tensors: dict, decls, name_map: dict[str, Tensor], *, source: str, wha
 
 
 def to_params(tensors: dict, decls, name_map: dict[str, Tensor], dtype, *, source: str,
-              what: str, ignore: tuple[str, ...] = ()):
-  """Our parameter tree (host NumPy arrays) from checkpoint tensors, after `check`.
+              what: str, ignore: tuple[str, ...] = (), shardings=None):
+  """Our parameter tree from checkpoint tensors, after `check`: host NumPy arrays, or with
+  `shardings` (a NamedSharding tree like `decls`) jax Arrays placed by them.
 
   Each leaf is in its declaration's pinned dtype, else `dtype`; stacked leaves are
-  (layers, ...) arrays built from one tensor per layer.
+  (layers, ...) arrays built from one tensor per layer. Placed, each process converts only the
+  parts of each tensor that its own devices hold (`_placed`).
   """
   check(tensors, decls, name_map, source=source, what=what, ignore=ignore)
+  treedef = jax.tree.structure(decls, is_leaf=is_param)
+  placements = [None] * treedef.num_leaves if shardings is None else treedef.flatten_up_to(
+      shardings)
   values = []
-  for path, param in leaves(decls):
+  for (path, param), sharding in zip(leaves(decls), placements):
     entry, shape = name_map[path], _unit_shape(param)
     leaf_dtype = np.dtype(param.dtype or dtype)
-    layers = [entry.layout.to_ours(tensors[n], shape).astype(leaf_dtype)
-              for n in _names(entry, param)]
+    layers = [tensors[n] for n in _names(entry, param)]
+    if sharding is not None:
+      values.append(_placed(layers, entry.layout, shape, _stacked(param), leaf_dtype,
+                            tuple(param.shape), sharding))
+      continue
+    layers = [entry.layout.to_ours(t, shape).astype(leaf_dtype) for t in layers]
     values.append(np.stack(layers) if _stacked(param) else layers[0])
-  return jax.tree.unflatten(jax.tree.structure(decls, is_leaf=is_param), values)
+  return jax.tree.unflatten(treedef, values)
+
+
+def _placed(layers: list, layout: Layout, unit: tuple, stacked: bool, dtype, shape: tuple,
+            sharding) -> jax.Array:
+  """One leaf as a jax Array placed by `sharding`, built from this process's shards only.
+
+  Each checkpoint tensor (one per layer when stacked) is viewed in our layout (memory-mapped
+  files are not read by the view; a bucket tensor is read once) and only the slices that this
+  process's devices hold are copied, in `dtype`, into one buffer per distinct shard: the host
+  holds this process's part of one leaf at a time, never a whole stacked leaf or model."""
+  index_map = sharding.addressable_devices_indices_map(shape)
+  key = lambda index: tuple((s.start, s.stop, s.step) for s in index)
+  unique = {key(i): i for i in index_map.values()}
+  sizes = lambda index: tuple(len(range(*s.indices(n))) for s, n in zip(index, shape))
+  parts = {k: np.empty(sizes(i), dtype) for k, i in unique.items()}
+  for layer, tensor in enumerate(layers):
+    ours = layout.to_ours(tensor, unit)  # a view of a memory-mapped tensor: nothing read yet
+    for k, index in unique.items():
+      if not stacked:
+        parts[k][...] = ours[index]
+      elif layer in range(*index[0].indices(len(layers))):
+        parts[k][layer - range(*index[0].indices(len(layers)))[0]] = ours[index[1:]]
+  return jax.make_array_from_single_device_arrays(
+      shape, sharding, [jax.device_put(parts[key(i)], d) for d, i in index_map.items()])
 
 
 def to_tensors(params, decls, name_map: dict[str, Tensor]) -> dict[str, np.ndarray]:

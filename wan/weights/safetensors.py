@@ -103,11 +103,30 @@ def read_metadata(path) -> dict[str, str]:
   return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}
 
 
-def read_file(path) -> dict[str, np.ndarray]:
-  """All tensors of one .safetensors file: read-only memory-mapped arrays for a local file."""
+class Ranged:
+  """One tensor of a bucket file, read (one ranged read) only when converted to an array."""
+
+  def __init__(self, path: str, offset: int, info: TensorInfo):
+    self._path, self._offset, self._info = path, offset, info
+    self.shape, self.dtype = info.shape, info.dtype
+
+  def __array__(self, dtype=None, copy=None):
+    del copy  # every read is a new array
+    i = self._info
+    data = fs.read_bytes(self._path, self._offset + i.start, i.end - i.start)
+    a = np.frombuffer(data, i.dtype).reshape(i.shape)
+    return a if dtype is None else a.astype(dtype)
+
+
+def read_file(path, lazy: bool = False) -> dict[str, np.ndarray]:
+  """All tensors of one .safetensors file: read-only memory-mapped arrays for a local file.
+  A bucket file is read whole, or with `lazy` each tensor when it is used (`Ranged`): what a
+  host that needs only some of a big checkpoint reads."""
   path = str(path)
   blob, offset, data_size = _read_header_bytes(path)
   infos = _parse_header(path, blob, data_size)
+  if fs.is_remote(path) and lazy:
+    return {name: Ranged(path, offset, i) for name, i in infos.items()}
   if fs.is_remote(path):
     data = np.frombuffer(fs.read_bytes(path, offset), np.uint8)
   elif data_size:
@@ -195,9 +214,9 @@ def _merge(directory: str, stem: str | None, read_one) -> dict:
   return merged
 
 
-def read_dir(directory, stem: str | None = None) -> dict[str, np.ndarray]:
-  """All tensors of a checkpoint directory (memory-mapped where local)."""
-  return _merge(str(directory), stem, read_file)
+def read_dir(directory, stem: str | None = None, lazy: bool = False) -> dict[str, np.ndarray]:
+  """All tensors of a checkpoint directory (memory-mapped where local; `lazy`: see read_file)."""
+  return _merge(str(directory), stem, lambda path: read_file(path, lazy))
 
 
 def read_dir_header(directory, stem: str | None = None) -> dict[str, TensorInfo]:

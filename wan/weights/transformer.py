@@ -161,9 +161,10 @@ def read(path, expert: str = "high_noise") -> Checkpoint:
   """The transformer at `path`: a transformer directory (config.json + safetensors), a diffusers
   model root (transformer/, or transformer_2/ for the A14B `expert="low_noise"`) or an original
   Wan-AI directory or A14B root (high_noise_model/, low_noise_model/). Tensors are
-  memory-mapped where local, `model.diffusion_model.` prefixes stripped."""
+  memory-mapped where local and read one by one when used from a bucket (safetensors.Ranged),
+  `model.diffusion_model.` prefixes stripped."""
   directory = roots.resolve(path, "transformer", expert)
-  tensors = _strip_prefixes(safetensors.read_dir(directory, STEM))
+  tensors = _strip_prefixes(safetensors.read_dir(directory, STEM, lazy=True))
   architecture, layout = _architecture(directory, tensors)
   return Checkpoint(directory, architecture, layout, tensors)
 
@@ -174,11 +175,13 @@ def read_architecture(path, expert: str = "high_noise") -> dict:
   return _architecture(directory, _strip_prefixes(safetensors.read_dir_header(directory, STEM)))[0]
 
 
-def to_params(tensors: dict, decls, layout: str, dtype=jnp.float32, source: str = "checkpoint"):
-  """Our parameter tree (host NumPy, `dtype` unless a declaration pins one) from PyTorch-named
-  tensors; every missing, mis-shaped or unexpected tensor is named in one CheckpointError."""
+def to_params(tensors: dict, decls, layout: str, dtype=jnp.float32, source: str = "checkpoint",
+              shardings=None):
+  """Our parameter tree (host NumPy, or placed by `shardings`: convert.to_params; `dtype`
+  unless a declaration pins one) from PyTorch-named tensors; every missing, mis-shaped or
+  unexpected tensor is named in one CheckpointError."""
   return convert.to_params(tensors, decls, names(decls, layout), dtype, source=source,
-                           what="Wan transformer", ignore=_IGNORED)
+                           what="Wan transformer", ignore=_IGNORED, shardings=shardings)
 
 
 # ----------------------------------------------------------------------------------------------
