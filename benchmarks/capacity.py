@@ -186,9 +186,9 @@ def _refused(name, devices, mesh, error: Exception) -> Report | None:
 def refused_temporaries(message: str) -> int:
   """The temporaries (bytes) named by libtpu's out-of-memory message ("... the total memory
   required for HLO temporaries (247.73G) exceeds available HBM (95.74G)"); 0 if none."""
-  size = re.search(r"temporaries \(([\d.]+)([GMK])\)", message)
-  return int(float(size.group(1)) * {"G": GIB, "M": 2**20, "K": 2**10}[size.group(2)]) \
-      if size else 0
+  size = re.search(r"temporaries \(([\d.]+)([TGMK])\)", message)
+  units = {"T": 2**40, "G": GIB, "M": 2**20, "K": 2**10}
+  return int(float(size.group(1)) * units[size.group(2)]) if size else 0
 
 
 def plan_config(c):
