@@ -23,6 +23,7 @@ On CPU the Pallas kernel runs in interpret mode: its times there say nothing abo
 import datetime
 import json
 import statistics
+import sys
 import time
 
 import jax
@@ -177,10 +178,19 @@ def format_table(header, rows) -> str:
   return "\n".join(lines)
 
 
-def run(seqs, heads_list, head_dim, batch, dtype, block_sizes, reps):
-  """All rows for the shape grid, ratios added."""
-  rows = [measure(impl, batch, heads, seq, head_dim, dtype, block_sizes, reps)
-          for seq in seqs for heads in heads_list for impl in IMPLS]
+def run(seqs, heads_list, head_dim, batch, dtype, block_sizes, reps, progress=None):
+  """All rows for the shape grid, ratios added; progress(line) after each measurement."""
+  grid = [(seq, heads, impl) for seq in seqs for heads in heads_list for impl in IMPLS]
+  rows = []
+  start = time.perf_counter()
+  for i, (seq, heads, impl) in enumerate(grid):
+    rows.append(measure(impl, batch, heads, seq, head_dim, dtype, block_sizes, reps))
+    if progress:
+      r = rows[-1]
+      took = (f"fwd {r['fwd_ms']:.1f} ms, fwd+bwd {r['fwd_bwd_ms']:.1f} ms" if "fwd_ms" in r
+              else r["status"])
+      progress(f"[{i + 1}/{len(grid)}] seq {seq} heads {heads} {impl}: {took} "
+               f"({time.perf_counter() - start:.0f} s so far)")
   add_ratios(rows)
   return rows
 
@@ -198,14 +208,17 @@ def main(argv):
   block_sizes = parse_block_sizes(FLAGS.block_sizes)
   device = jax.devices()[0]
   if device.platform == "cpu":
-    print("warning: on CPU the Pallas kernel runs in interpret mode; these times are not "
-          "kernel performance")
+    print("warning: on CPU the Pallas kernel runs in interpret mode (emulated, block by "
+          "block): these times are not kernel performance, and the default Wan shapes take "
+          "many minutes; --smoke (seconds) or --seq=1024 --heads=2 for a quick look",
+          flush=True)
   header = dict(device=device.device_kind, platform=device.platform, jax=jax.__version__,
                 dtype=dtype.name, head_dim=head_dim, batch=FLAGS.batch, reps=reps,
                 block_sizes=block_sizes or f"tuning table {kernels.device_key()!r}",
                 flops="fwd 4*B*H*Sq*Skv*D; fwd+bwd 3.5x fwd (FlashAttention-2)",
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-  rows = run(seqs, heads, head_dim, FLAGS.batch, dtype, block_sizes, reps)
+  rows = run(seqs, heads, head_dim, FLAGS.batch, dtype, block_sizes, reps,
+             progress=lambda line: print(line, file=sys.stderr, flush=True))
   print(format_table(header, rows))
   with open(FLAGS.json, "w") as f:
     json.dump({"header": header, "rows": rows}, f, indent=1)

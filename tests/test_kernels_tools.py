@@ -21,7 +21,7 @@ def _run(*args):
   r = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
-  return r.stdout
+  return r.stdout + r.stderr
 
 
 def test_attention_flops_by_hand():
@@ -69,6 +69,10 @@ def test_search_skips_candidates_that_fail():
 def test_bench_smoke_prints_table_and_writes_json(tmp_path):
   out = _run("kernels.bench", "--smoke", f"--json={tmp_path / 'bench.json'}")
   assert "interpret mode" in out and "device: cpu" in out and "jax " in out and "float32" in out
+  n = len(bench.SMOKE["seqs"]) * len(bench.IMPLS)  # progress while it runs, one line each
+  assert re.search(rf"^\[1/{n}\] seq 256 heads 2 flash: fwd [\d.]+ ms, fwd\+bwd [\d.]+ ms",
+                   out, re.M), out
+  assert f"[{n}/{n}] seq 384 heads 2 cudnn: unavailable" in out
   assert re.search(r"^seq\s+heads\s+impl\s+fwd ms\s+fwd TF/s\s+f\+b ms\s+f\+b TF/s", out, re.M)
   for seq in bench.SMOKE["seqs"]:
     assert re.search(rf"^{seq}\s+2\s+flash\s+[\d.]+\s+[\d.]+", out, re.M), out
