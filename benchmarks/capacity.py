@@ -30,11 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file[:variant].")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology (see the docstring).")
-_JOB = flags.DEFINE_enum("job", "train", ["train", "generate"],
-                         "train: the train step; generate: one sampling step.")
-_TOP = flags.DEFINE_integer("top", 8, "How many of the largest arrays to list.")
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command-line flags (defined only when run as a program: the module also imports)."""
+  config_flags.DEFINE_config_file("config", None, "Run config file[:variant].")
+  flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology (see the docstring).")
+  flags.DEFINE_enum("job", "train", ["train", "generate"],
+                    "train: the train step; generate: one sampling step.")
+  flags.DEFINE_integer("top", 8, "How many of the largest arrays to list.")
 
 GIB = 2**30
 
@@ -313,11 +318,12 @@ def main(argv):
              "requirements.txt)")
   from wan.errors import ConfigError
   try:
-    report = measure(_CONFIG.value, _TOPOLOGY.value, _JOB.value, _TOP.value)
+    report = measure(FLAGS.config, FLAGS.topology, FLAGS.job, FLAGS.top)
   except (ConfigError, ValueError) as e:
     sys.exit(f"error: {e}")
   print_report(report)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -87,8 +87,8 @@ def _cell(result) -> str:
 
 def table(done: dict, slices) -> str:
   """The markdown table of the measured cells."""
-  head = ["variant", "res"] + [f"{s} {p}" for s in slices for p in ("cheapest",)] + [
-      f"{s} GiB ({'/'.join(p[:4] for p in POLICIES)})" for s in slices]
+  head = ["variant", "res"] + [f"{s}: cheapest that fits" for s in slices] + [
+      f"{s}: GiB NONE / MATMUL / FULL" for s in slices]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for variant in VARIANTS:
     for resolution in RESOLUTIONS:

@@ -169,6 +169,13 @@ def matching(paths, pattern: str, field: str, what: str) -> tuple[str, ...]:
   return found
 
 
+def paths(decls) -> list[tuple[str, "Param"]]:
+  """[(path "a/b/0/c", Param)] of a declaration tree, in tree order."""
+  flat, _ = jax.tree.flatten_with_path(decls, is_leaf=is_param)
+  return [("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), p)
+          for path, p in flat]
+
+
 def at(tree, path: str):
   """The node of a nested dict at "a/b/c"."""
   for key in path.split("/"):

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from wan.errors import CheckpointError
+from wan import params
 from wan.params import is_param
 
 _SHOWN = 30  # problems listed in one error; the rest are counted
@@ -72,11 +73,7 @@ class Tensor:
   layout: Layout
 
 
-def leaves(decls) -> list[tuple[str, object]]:
-  """[(path "a/b/0/c", Param)] of a declaration tree, in tree order."""
-  flat, _ = jax.tree.flatten_with_path(decls, is_leaf=is_param)
-  return [("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), p)
-          for path, p in flat]
+leaves = params.paths  # [(path "a/b/0/c", Param)] of a declaration tree, in tree order
 
 
 def _lookup(table: dict[str, str], path: str, leaf_names: dict[str, str]) -> tuple[str, str | None]:

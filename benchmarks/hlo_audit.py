@@ -1,0 +1,242 @@
+"""HLO audit of a run's compiled train step for a TPU slice: the collectives of each scanned
+layer against the FSDP minimum, and the copies and transposes that move data (needs libtpu;
+no TPU).
+
+  python benchmarks/hlo_audit.py --config=configs/wan21_t2v.py:14b --topology=v5p-8 \
+      --config.height=720 --config.width=1280 --config.remat_policy=FULL --config.global_batch_size=1
+
+The step is compiled as benchmarks/capacity.py compiles it. The compiled program's instructions
+are attributed to the forward layer scan, the backward layer scan or the rest of the step (by
+the while loop each one runs in, through every fusion and call), and each collective is counted
+with the bytes one device receives (all-gather: result x (n-1)/n; reduce-scatter: result x
+(n-1); all-reduce: 2 x size x (n-1)/n; all-to-all: size x (n-1)/n; collective-permute: its
+result; n the group size). TPU's reduce-scatter is an all-reduce-scatter fusion around an
+all-reduce, counted as the reduce-scatter it is. XLA on TPU often splits a weight all-gather into a ring of
+collective-permutes overlapped with the matmul that needs it (its collective matmul), so the
+two are compared with the minimum together.
+
+The FSDP minimum per layer: each layer's weights (this device's tensor-parallel part) gathered
+once forward and once more for the backward's recomputation (FULL and the policies that do
+not save them; NONE keeps them), and their gradient reduce-scattered once: per device
+W x (n-1)/n received per gather and per reduce-scatter, n the fsdp x data size the weights are
+split over. `--json` writes the table.
+"""
+
+import collections
+import json
+import math
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from benchmarks import capacity  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file[:variant].")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology (benchmarks/capacity.py).")
+_JSON = flags.DEFINE_string("json", "", "Also write the table here.")
+_HLO = flags.DEFINE_string("hlo", "", "Also write the compiled program's HLO text here.")
+
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+MOVES = ("copy", "transpose")
+_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+          "f8e4m3fn": 1, "f8e5m2": 1, "s64": 8, "f64": 8, "u64": 8, "s16": 2, "u16": 2}
+_ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"(?:branch_computations|called_computations)=\{([^}]*)\}")
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape string (a tuple's elements summed; layouts ignored)."""
+  return sum(math.prod(int(d) for d in dims.split(",") if d) * _BYTES[t]
+             for t, dims in _ARRAY.findall(shape) if t in _BYTES)
+
+
+def _group_size(rest: str, devices: int) -> int:
+  m = re.search(r"replica_groups=\{\{([\d,]+)\}", rest)
+  if m:
+    return len(m.group(1).split(","))
+  m = re.search(r"replica_groups=\[(\d+),(\d+)\]", rest)
+  if m:
+    return int(m.group(2))
+  return devices
+
+
+def received(op: str, shape: str, rest: str, devices: int) -> float:
+  """Bytes one device receives for one collective (see the module docstring)."""
+  size = shape_bytes(shape)
+  if op == "collective-permute":
+    return size
+  n = _group_size(rest, devices)
+  return {"all-gather": size * (n - 1) / n, "reduce-scatter": size * (n - 1),
+          "all-reduce": 2 * size * (n - 1) / n, "all-to-all": size * (n - 1) / n}[op]
+
+
+def parse(hlo: str):
+  """(instructions by computation, parent of each called computation, while loops).
+
+  instructions: {computation: [(name, shape, opcode, rest)]}; parents: {computation: the one
+  that calls it}; whiles: {body computation: (op_name, trip count or None)}."""
+  comps, parents, whiles, current = collections.defaultdict(list), {}, {}, None
+  for line in hlo.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      current = header.group(1)
+      continue
+    m = _INSTR.match(line)
+    if not m or current is None:
+      continue
+    name, shape, opcode, rest = m.groups()
+    comps[current].append((name, shape, opcode, rest))
+    called = _CALLED.findall(rest)
+    for group in _BRANCHES.findall(rest):
+      called += [c.strip().lstrip("%") for c in group.split(",") if c.strip()]
+    for c in called:
+      parents.setdefault(c, current)
+    if opcode == "while":
+      body = re.search(r"body=%?([\w.\-]+)", rest).group(1)
+      op_name = re.search(r'op_name="([^"]+)"', rest)
+      trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
+      whiles[body] = (op_name.group(1) if op_name else name, int(trips.group(1)) if trips
+                      else None)
+  return comps, parents, whiles
+
+
+def _region(comp: str, parents: dict, whiles: dict) -> str | None:
+  """The innermost while body that `comp` runs in (None: outside every loop)."""
+  seen = set()
+  while comp is not None and comp not in seen:
+    if comp in whiles:
+      return comp
+    seen.add(comp)
+    comp = parents.get(comp)
+  return None
+
+
+def _label(op_name: str) -> str:
+  if "transpose(jvp())" in op_name:
+    return "backward layer scan"
+  if "jvp()" in op_name:
+    return "forward layer scan"
+  return f"loop {op_name}"
+
+
+def audit(hlo: str, devices: int, layers: int) -> dict:
+  """{region: {kind: [count, bytes received per device (collectives) or moved (copies)]}} per
+  run of the region, and each region's trip count (the layer scans': `layers` where the
+  compiled loop does not say)."""
+  comps, parents, whiles = parse(hlo)
+  table = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
+  trips = {"rest of the step": 1}
+  for comp, instrs in comps.items():
+    body = _region(comp, parents, whiles)
+    region = "rest of the step" if body is None else _label(whiles[body][0])
+    if body is not None:
+      trips[region] = whiles[body][1] or (layers if "layer scan" in region else None)
+    fused = comp.startswith("fused") or ".fused" in comp or "fusion" in comp
+    for name, shape, opcode, rest in instrs:
+      base = opcode.removesuffix("-start").removesuffix("-done")
+      if base == "all-reduce" and comp.startswith("all-reduce-scatter"):
+        # TPU's reduce-scatter: an all-reduce-scatter fusion whose body holds an all-reduce
+        # and the slice of it each device keeps; it moves what a reduce-scatter moves.
+        n = _group_size(rest, devices)
+        cell = table[region]["reduce-scatter"]
+        cell[0] += 1
+        cell[1] += shape_bytes(shape) * (n - 1) / n
+      elif base in COLLECTIVES and not opcode.endswith("-start"):  # sync op or -done
+        cell = table[region][base]
+        cell[0] += 1
+        cell[1] += received(base, shape, rest, devices)
+      elif not fused and (opcode in MOVES or (opcode == "fusion" and any(
+          m in name for m in MOVES))):
+        cell = table[region]["copy/transpose"]
+        cell[0] += 1
+        cell[1] += shape_bytes(shape)
+  return {"regions": {r: dict(k) for r, k in table.items()}, "trips": trips}
+
+
+def fsdp_minimum(plan) -> dict:
+  """Per layer and device: the bytes of one gather of the layer's weights and of one
+  reduce-scatter of its gradient, and how many gathers the remat policy needs."""
+  from wan import train
+  from wan.numerics import DTYPES
+  import numpy as np
+  decls = train.trained_declarations(plan)
+  import jax
+  from wan import params as params_lib
+  leaves = jax.tree.leaves(params_lib.abstract(decls, DTYPES[plan.options.weights_dtype]))
+  layers = plan.model.num_layers
+  per_layer = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves
+                  if x.shape and x.shape[0] == layers) / layers
+  mesh = plan.mesh_shape
+  n = mesh["fsdp"] * mesh["data"]
+  part = per_layer / mesh["tensor"]
+  moved = part * (n - 1) / n
+  gathers = 1 if plan.options.remat_policy == "NONE" else 2
+  return {"layer_weight_bytes": part, "gather": moved, "gathers": gathers,
+          "reduce_scatter": moved, "fsdp_group": n}
+
+
+def format_table(result: dict, minimum: dict) -> str:
+  mib = lambda b: f"{b / 2**20:10.1f}"
+  lines = [f"per layer and device: weights {minimum['layer_weight_bytes'] / 2**20:.1f} MiB; "
+           f"FSDP minimum received: {minimum['gathers']} gather(s) of "
+           f"{minimum['gather'] / 2**20:.1f} MiB + one reduce-scatter of "
+           f"{minimum['reduce_scatter'] / 2**20:.1f} MiB (group of {minimum['fsdp_group']})",
+           "", f"{'region':<22} {'trips':>5}  {'kind':<20} {'count':>6} {'MiB/trip':>10}"
+           f" {'MiB total':>10}"]
+  for region, kinds in sorted(result["regions"].items()):
+    trips = result["trips"].get(region) or 1
+    for kind, (count, nbytes) in sorted(kinds.items()):
+      lines.append(f"{region:<22} {trips:>5}  {kind:<20} {count:>6} {mib(nbytes)} "
+                   f"{mib(nbytes * trips)}")
+  layer = lambda region, kinds: sum(result["regions"].get(region, {}).get(k, (0, 0))[1]
+                                    for k in kinds)
+  gathered = layer("forward layer scan", ("all-gather", "collective-permute")) + layer(
+      "backward layer scan", ("all-gather", "collective-permute"))
+  scattered = layer("backward layer scan", ("reduce-scatter",))
+  want_g = minimum["gather"] * minimum["gathers"]
+  lines += ["", f"weight gathers per layer (all-gather + collective-permute, both scans): "
+                f"{gathered / 2**20:.1f} MiB vs minimum {want_g / 2**20:.1f} MiB "
+                f"({gathered / want_g:.2f}x)" if want_g else "",
+            f"gradient reduce-scatter per layer: {scattered / 2**20:.1f} MiB vs minimum "
+            f"{minimum['reduce_scatter'] / 2**20:.1f} MiB"
+            + (f" ({scattered / minimum['reduce_scatter']:.2f}x)" if minimum['reduce_scatter']
+               else "")]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    import jax
+    sys.exit(f'the HLO audit compiles with libtpu: pip install "jax[tpu]=={jax.__version__}"')
+  from wan import plan as plan_lib
+  devices = capacity.topology_devices(_TOPOLOGY.value)
+  c = capacity.plan_config(_CONFIG.value)
+  lowered, _, _, what = capacity.train_program(c, devices)
+  plan = plan_lib.make(c, plan_lib.Devices.of(devices))
+  hlo = lowered.compile().as_text()
+  if _HLO.value:
+    with open(_HLO.value, "w") as f:
+      f.write(hlo)
+  result = audit(hlo, len(devices), plan.model.num_layers)
+  minimum = fsdp_minimum(plan)
+  print(f"program   {what}\ntopology  {_TOPOLOGY.value}: {len(devices)} devices, mesh "
+        f"{plan.mesh_shape}\n")
+  print(format_table(result, minimum))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump({"program": what, "topology": _TOPOLOGY.value, "minimum": minimum, **result},
+                f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
