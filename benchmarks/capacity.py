@@ -118,7 +118,8 @@ class Report:
 
   def summary(self) -> dict:
     return {"topology": self.topology, "devices": self.devices, "device_kind": self.device_kind,
-            "program": self.program, "mesh": self.mesh, "per_device_gib": round(self.total / GIB, 3),
+            "program": self.program, "mesh": self.mesh,
+            "per_device_gib": round(self.total / GIB, 3),
             "arguments_gib": round(self.arguments / GIB, 3),
             "temporaries_gib": round(self.temporaries / GIB, 3),
             "outputs_gib": round(self.outputs / GIB, 3), "hbm_gib": round(self.hbm / GIB, 2),

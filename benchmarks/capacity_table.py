@@ -1,8 +1,8 @@
 """The README's capacity table: every variant x resolution x remat policy x slice, each cell one
 run of benchmarks/capacity.py (needs libtpu; no TPU).
 
-  python benchmarks/capacity_table.py --results=capacity.jsonl        # compile what is missing
-  python benchmarks/capacity_table.py --results=capacity.jsonl --print_only
+  python benchmarks/capacity_table.py                 # compile what is missing, print the table
+  python benchmarks/capacity_table.py --print_only    # the table of the measured cells
 
 Results are appended to --results as they come (one JSON line per cell), so an interrupted
 sweep continues where it stopped. Per-device batch 1 (global batch = the slice's devices), 81
@@ -18,11 +18,12 @@ import sys
 
 from absl import app, flags
 
-_RESULTS = flags.DEFINE_string("results", "capacity.jsonl", "JSON lines of measured cells.")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RESULTS = flags.DEFINE_string(
+    "results", os.path.join(ROOT, "benchmarks", "results", "capacity.jsonl"),
+    "JSON lines of measured cells (the README table's).")
 _PRINT_ONLY = flags.DEFINE_bool("print_only", False, "Print the table; compile nothing.")
 _SLICES = flags.DEFINE_list("slices", ["v5p-8", "v6e-8", "v5p-128"], "Slices (columns).")
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 VARIANTS = {
     "Wan 2.1 T2V 1.3B": ("configs/wan21_t2v.py:1.3b", ()),

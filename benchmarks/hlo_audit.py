@@ -3,7 +3,8 @@ layer against the FSDP minimum, and the copies and transposes that move data (ne
 no TPU).
 
   python benchmarks/hlo_audit.py --config=configs/wan21_t2v.py:14b --topology=v5p-8 \
-      --config.height=720 --config.width=1280 --config.remat_policy=FULL --config.global_batch_size=1
+      --config.height=720 --config.width=1280 --config.remat_policy=FULL \
+      --config.global_batch_size=1
 
 The step is compiled as benchmarks/capacity.py compiles it. The compiled program's instructions
 are attributed to the forward layer scan, the backward layer scan or the rest of the step (by
@@ -11,9 +12,9 @@ the while loop each one runs in, through every fusion and call), and each collec
 with the bytes one device receives (all-gather: result x (n-1)/n; reduce-scatter: result x
 (n-1); all-reduce: 2 x size x (n-1)/n; all-to-all: size x (n-1)/n; collective-permute: its
 result; n the group size). TPU's reduce-scatter is an all-reduce-scatter fusion around an
-all-reduce, counted as the reduce-scatter it is. XLA on TPU often splits a weight all-gather into a ring of
-collective-permutes overlapped with the matmul that needs it (its collective matmul), so the
-two are compared with the minimum together.
+all-reduce, counted as the reduce-scatter it is. XLA on TPU often splits a weight all-gather
+into a ring of collective-permutes overlapped with the matmul that needs it (its collective
+matmul), so the two are compared with the minimum together.
 
 The FSDP minimum per layer: each layer's weights (this device's tensor-parallel part) gathered
 once forward and once more for the backward's recomputation (FULL and the policies that do
