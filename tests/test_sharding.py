@@ -62,3 +62,22 @@ def test_param_spec_moves_fsdp_to_a_dimension_it_divides():
   # Activations keep dropping what does not divide, silently and on purpose.
   assert sharding.spec(("batch", "length"), (6, 32), dict(data=4, fsdp=1, context=1,
                                                           tensor=1)) == jax.P(None, None)
+
+
+def test_dcn_granules_are_tpu_slices_and_other_platforms_hosts():
+  """A one-slice TPU pod is one granule however many hosts it has (its ICI joins them all), so
+  `ici_fsdp=-1` spans the whole slice; several slices are several; GPU and CPU hosts are
+  granules."""
+  from types import SimpleNamespace as Device
+  pod = [Device(platform="tpu", slice_index=0, process_index=i // 4) for i in range(64)]
+  assert sharding.granules(pod) == ("slice", 1)
+  aot = [Device(platform="tpu", slice_index=None, process_index=i // 4) for i in range(16)]
+  assert sharding.granules(aot) == ("slice", 1)  # topology devices of an AOT compile
+  two = [Device(platform="tpu", slice_index=i // 8, process_index=i // 4) for i in range(16)]
+  assert sharding.granules(two) == ("slice", 2)
+  gpus = [Device(platform="gpu", process_index=i // 8) for i in range(16)]
+  assert sharding.granules(gpus) == ("process", 2)
+  ici, dcn = sharding.mesh_shape({"data": 1, "fsdp": -1, "context": 1, "tensor": 1},
+                                 {"data": -1, "fsdp": 1, "context": 1, "tensor": 1}, 64,
+                                 sharding.granules(pod)[1])
+  assert ici["fsdp"] == 64 and dcn["data"] == 1

@@ -157,10 +157,10 @@ def mesh_shape(ici: dict, dcn: dict, num_devices: int, num_slices: int):
 
 
 def granules(devices) -> tuple[str, int]:
-  """What the DCN axes span: ("slice", n) for multi-slice TPUs, else ("process", n) hosts."""
-  slices = {getattr(d, "slice_index", 0) for d in devices}
-  if len(slices) > 1:
-    return "slice", len(slices)
+  """What the DCN axes span: ("slice", n) TPU slices (all the hosts of one slice share its ICI,
+  so a one-slice pod is one granule), else ("process", n) hosts (GPU clusters, CPU)."""
+  if devices[0].platform == "tpu":  # topology devices (AOT compiles) carry no slice_index
+    return "slice", len({getattr(d, "slice_index", 0) or 0 for d in devices})
   return "process", len({d.process_index for d in devices})
 
 
