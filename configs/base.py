@@ -84,8 +84,8 @@ def get_config():
   # Gradient checkpointing (remat).
   # NONE | FULL | MATMUL_WITHOUT_BATCH | OFFLOAD_MATMUL_WITHOUT_BATCH | CUSTOM. FULL is the one
   # that fits every variant at 480p with one sample per device on v5p-8 (the README's capacity
-  # table: NONE fits none of them, MATMUL_WITHOUT_BATCH only the 1.3B at 480p and the 5B, on v5p);
-  # the tiny CPU variants use NONE.
+  # table: NONE fits none of them, MATMUL_WITHOUT_BATCH only the 1.3B and 5B models); the tiny
+  # CPU variants use NONE.
   c.remat_policy = "FULL"
   c.names_which_can_be_saved = ()
   c.names_which_can_be_offloaded = ()
