@@ -1,4 +1,5 @@
-"""Test setup: eight fake CPU devices for every test (set before jax is imported), and one
+"""Test setup: eight fake CPU devices for every test (set before jax is imported; compiled for
+speed of compilation, tests/xla_env.py), and one
 persistent compilation cache for the whole test session, shared by the xdist workers: the many
 tests that train the tiny models compile the same programs, and compile them once."""
 
@@ -6,10 +7,12 @@ import os
 import sys
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import xla_env  # noqa: E402  (no jax import)
+
+os.environ.setdefault("XLA_FLAGS", xla_env.flags(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 

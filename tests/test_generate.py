@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from configs import wan21_i2v, wan21_t2v, wan22_t2v
+from tests import xla_env
 from wan import generate, plan
 from wan.data import video
 from wan.errors import ConfigError, MissingFile
@@ -28,8 +29,7 @@ def _config(module=wan21_t2v, **fields):
 def test_the_command_writes_playable_mp4s_and_contact_sheets(tmp_path):
   prompts = tmp_path / "prompts.txt"
   prompts.write_text("a red ball rolls\n\n  waves at night  \n")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
+  env = xla_env.env(2, JAX_PLATFORMS="cpu")
   r = subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch.py"), "--config=configs/wan21_t2v.py:tiny",
        "--config.job=generate", f"--config.prompts_file={prompts}",

@@ -10,13 +10,15 @@ import sys
 
 import pytest
 
+from tests import xla_env
+
 import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(devices=2):
-  return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return xla_env.env(devices)
 
 
 def _launch(tmp_path, *flags, config="configs/wan21_t2v.py:tiny"):

@@ -11,6 +11,7 @@ import sys
 import jax
 
 from configs import wan21_t2v
+from tests import xla_env
 from wan import plan, train, transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -19,7 +20,7 @@ FLAGS = ["--config=configs/wan21_t2v.py:tiny"] + [f"--config.{k}={v}" for k, v i
 
 
 def _start(out, devices, *extra):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = xla_env.env(devices)
   return subprocess.Popen([sys.executable, "launch.py", *FLAGS, f"--config.output_dir={out}",
                            *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import wan21_i2v, wan21_t2v, wan22_ti2v
-from tests import clip_fixtures
+from tests import clip_fixtures, xla_env
 from wan import plan, train
 from wan.data import prepare, records
 from wan.errors import CheckpointError, ConfigError, MissingFile
@@ -196,7 +196,7 @@ def test_i2v_cache_holds_the_conditioning(clips, tmp_path):
 
 def test_prepare_command_and_train_command(clips, tmp_path):
   """The two commands of the issue, as a user types them."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = xla_env.env(2)
   cache_dir, out = str(tmp_path / "cache"), str(tmp_path / "out")
   run = lambda *args: subprocess.run(
       [sys.executable, "launch.py", "--config=configs/wan21_t2v.py:tiny", *args], cwd=ROOT,
@@ -306,7 +306,7 @@ def test_two_processes_prepare_one_cache(clips, tmp_path):
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = xla_env.env(1)
   multi = str(tmp_path / "multi")
   procs = [subprocess.Popen(
       [sys.executable, "launch.py", "--config=configs/wan21_t2v.py:tiny", "--config.job=prepare",

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from configs import wan21_t2v
+from tests import xla_env
 from wan import checkpoint, data, guards, plan, train
 from wan.errors import CheckpointError, ConfigError, TrainingStopped
 
@@ -258,7 +259,7 @@ def test_a_full_disk_fails_the_save_with_one_message_and_keeps_the_earlier_check
                             "output_dir", "checkpoint_dir", "global_batch_size",
                             "write_metrics"))],
                        cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+                       env=xla_env.env(1))
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert "checkpoint at step 3 could not be written: no space left on the disk of" in last

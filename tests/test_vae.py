@@ -183,8 +183,10 @@ def test_sharded_encode_and_decode_equal_unsharded():
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
   decoded = vae.decode(params, cfg, out)
   assert decoded.sharding.spec[0] == ("data", "fsdp")
+  # The per-device program fuses (and so sums in float32) in another order: a few elements of
+  # the decoded video differ by ~3e-6.
   np.testing.assert_allclose(decoded, vae.decode(params, cfg, jax.device_get(out)),
-                             rtol=1e-5, atol=1e-6)
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
