@@ -103,6 +103,47 @@ def test_min_seq_length_falls_back_to_dot_product_exactly():
   np.testing.assert_array_equal(got, want)
 
 
+def _numpy_attention_and_grads(q, k, v, mask, cot):
+  """float64 NumPy softmax attention and its gradients (q, k, v) for the cotangent `cot`;
+  mask (B, Sq, Skv) bool, a row without any key attends uniformly (as the -inf-free softmax)."""
+  q, k, v, cot = (np.asarray(x, np.float64) for x in (q, k, v, cot))
+  scale = q.shape[-1] ** -0.5
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  s = np.where(mask[:, None], s, np.finfo(np.float32).min)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  out = np.einsum("bhqk,bkhd->bqhd", p, v)
+  d_v = np.einsum("bhqk,bqhd->bkhd", p, cot)
+  d_p = np.einsum("bqhd,bkhd->bhqk", cot, v)
+  d_s = p * (d_p - (d_p * p).sum(-1, keepdims=True)) * np.where(mask[:, None], 1.0, 0.0)
+  return out, (np.einsum("bhqk,bkhd->bqhd", d_s, k) * scale,
+               np.einsum("bhqk,bqhd->bkhd", d_s, q) * scale, d_v)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 3e-2)])
+def test_dot_product_forward_and_gradients_match_float64(dtype, tol):
+  """The hand-written backward (probabilities recomputed from the row max and sum) against
+  float64 NumPy, with padded keys and a query segment that has no keys at all."""
+  q, k, v = _qkv(skv=24, dtype=dtype)
+  cot = jax.random.normal(jax.random.key(3), q.shape, jnp.float32)
+  q_ids = jnp.ones((2, 48), jnp.int32).at[1, 40:].set(5)  # queries 40.. of sample 1: no keys
+  kv_ids = _padding(24)
+  mask = np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :]
+  f = lambda q, k, v: attention.dot_product(q, k, v, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
+                                            precision="highest")
+  out, vjp = jax.vjp(f, q, k, v)
+  grads = vjp(cot.astype(dtype))
+  want_out, want_grads = _numpy_attention_and_grads(
+      *(x.astype(jnp.float32) for x in (q, k, v)), mask,
+      cot.astype(dtype).astype(jnp.float32))
+  assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+  assert _rel(out.astype(jnp.float32), want_out) < tol
+  for got, want in zip(grads, want_grads):
+    assert _rel(got.astype(jnp.float32), want) < tol
+  # Gradients of keys outside every query's segment are exactly zero.
+  assert not np.any(np.asarray(grads[1][0, 17:], np.float32))
+
+
 def test_split_head_dim_false_folds_heads_into_batch():
   q, k, v = _qkv(skv=24)
   segs = (jnp.ones((2, 48), jnp.int32), _padding(24))

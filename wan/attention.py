@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import kernels
 from wan import sharding
@@ -35,7 +36,8 @@ def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=N
   q: (B, Sq, H, D); k, v: (B, Skv, H, D); segment ids: (B, Sq) / (B, Skv) integers, a query
   attends only to keys with the same id. bias: added to the logits, broadcastable to
   (B, H, Sq, Skv) (T5's relative positions and padding). scale: of the logits, default
-  1/sqrt(D) (T5 uses 1). Logits and softmax are float32. With
+  1/sqrt(D) (T5 uses 1). Logits and softmax are float32. Without a bias it runs heads-major
+  with a hand-written backward that recomputes the probabilities (`_softmax_attention`). With
   split_head_dim=False the heads are folded into the batch dimension ((B*H, S, D) matmuls)
   instead of being a separate einsum dimension: same result, another layout for XLA.
   Returns (B, Sq, H, D) in q's dtype.
@@ -52,17 +54,86 @@ def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=N
                       kv_segment_ids=repeat(kv_segment_ids), precision=precision)
     return jnp.swapaxes(out.reshape(b, h, q.shape[1], d), 1, 2)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
-                      preferred_element_type=jnp.float32) * scale
-  if bias is not None:
+  if bias is not None:  # T5: the bias is a function of trained weights; plain autodiff
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
+                        preferred_element_type=jnp.float32) * scale
     logits = logits + bias.astype(jnp.float32)
+    if q_segment_ids is not None:
+      mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=precision,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype)
+  mask = None
   if q_segment_ids is not None:
     mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
+  heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # (B, S, H, D) <-> (B, H, S, D)
+  out = _softmax_attention(heads_major(q), heads_major(k), heads_major(v), mask, scale,
+                           precision)
+  return heads_major(out)
+
+
+# Softmax attention over (B, H, S, D) with a hand-written backward. The heads-major layout is
+# the batched matmul XLA runs fastest (on CPU 4x the forward of the (B, S, H, D) einsums), and
+# the backward keeps only the softmax's row maxima and sums for the (B, H, Sq, Skv) logits,
+# recomputing the probabilities from them, as a flash kernel does: autodiff would store the
+# probabilities of every layer (a layer-stacked Sq x Skv buffer per head) and read them back.
+
+
+def _probabilities(q, k, mask, scale, precision):
+  """(probs float32 (B, H, Sq, Skv), row max, row sum) of the scaled, masked logits."""
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision,
+                      preferred_element_type=jnp.float32) * scale
+  if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=precision,
+  row_max = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+  exp = jnp.exp(logits - row_max)
+  row_sum = exp.sum(-1, keepdims=True)
+  return exp / row_sum, row_max, row_sum
+
+
+def _recomputed(q, k, mask, scale, precision, row_max, row_sum):
+  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision,
+                      preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jnp.exp(logits - row_max) / row_sum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _softmax_attention(q, k, v, mask, scale, precision):
+  return _softmax_attention_fwd(q, k, v, mask, scale, precision)[0]
+
+
+def _softmax_attention_fwd(q, k, v, mask, scale, precision):
+  probs, row_max, row_sum = _probabilities(q, k, mask, scale, precision)
+  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, precision=precision,
+                   preferred_element_type=jnp.float32).astype(q.dtype)
+  return out, (q, k, v, mask, out, row_max, row_sum)
+
+
+def _softmax_attention_bwd(scale, precision, residuals, d_out):
+  q, k, v, mask, out, row_max, row_sum = residuals
+  probs = _recomputed(q, k, mask, scale, precision, row_max, row_sum)
+  d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_out.dtype), d_out, precision=precision,
                    preferred_element_type=jnp.float32)
-  return out.astype(q.dtype)
+  d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, precision=precision,
+                       preferred_element_type=jnp.float32)
+  # softmax': dL/dlogit = p * (dL/dp - sum_k p dL/dp), and sum_k p dL/dp = <dL/dout, out>.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
+  d_logits = probs * (d_probs - delta) * scale
+  if mask is not None:  # masked logits are constants (a row without keys has p = 1 / Skv)
+    d_logits = jnp.where(mask, d_logits, 0.0)
+  d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(k.dtype), k, precision=precision,
+                   preferred_element_type=jnp.float32)
+  d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits.astype(q.dtype), q, precision=precision,
+                   preferred_element_type=jnp.float32)
+  d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_mask
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 def _cudnn(q, k, v, q_segment_ids, kv_segment_ids):
