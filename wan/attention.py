@@ -54,24 +54,17 @@ def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=N
                       kv_segment_ids=repeat(kv_segment_ids), precision=precision)
     return jnp.swapaxes(out.reshape(b, h, q.shape[1], d), 1, 2)
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  if bias is not None:  # T5: the bias is a function of trained weights; plain autodiff
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, precision=precision,
-                        preferred_element_type=jnp.float32) * scale
-    logits = logits + bias.astype(jnp.float32)
-    if q_segment_ids is not None:
-      mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, precision=precision,
-                     preferred_element_type=jnp.float32)
-    return out.astype(q.dtype)
   mask = None
   if q_segment_ids is not None:
     mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
   heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # (B, S, H, D) <-> (B, H, S, D)
-  out = _softmax_attention(heads_major(q), heads_major(k), heads_major(v), mask, scale,
-                           precision)
-  return heads_major(out)
+  q, k, v = heads_major(q), heads_major(k), heads_major(v)
+  if bias is not None:  # T5: the bias is a function of trained weights; plain autodiff
+    logits = _logits(q, k, mask, scale, precision, bias)
+    out = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v,
+                     precision=precision, preferred_element_type=jnp.float32)
+    return heads_major(out.astype(q.dtype))
+  return heads_major(_softmax_attention(q, k, v, mask, scale, precision))
 
 
 # Softmax attention over (B, H, S, D) with a hand-written backward. The heads-major layout is
@@ -81,24 +74,16 @@ def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=N
 # probabilities of every layer (a layer-stacked Sq x Skv buffer per head) and read them back.
 
 
-def _probabilities(q, k, mask, scale, precision):
-  """(probs float32 (B, H, Sq, Skv), row max, row sum) of the scaled, masked logits."""
+def _logits(q, k, mask, scale, precision, bias=None):
+  """Scaled float32 logits (B, H, Sq, Skv) of heads-major q, k; plus bias; masked ones at the
+  float32 minimum (a row without any key attends uniformly)."""
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision,
                       preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  row_max = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
-  exp = jnp.exp(logits - row_max)
-  row_sum = exp.sum(-1, keepdims=True)
-  return exp / row_sum, row_max, row_sum
-
-
-def _recomputed(q, k, mask, scale, precision, row_max, row_sum):
-  logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision,
-                      preferred_element_type=jnp.float32) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  return jnp.exp(logits - row_max) / row_sum
+  return logits
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -107,7 +92,11 @@ def _softmax_attention(q, k, v, mask, scale, precision):
 
 
 def _softmax_attention_fwd(q, k, v, mask, scale, precision):
-  probs, row_max, row_sum = _probabilities(q, k, mask, scale, precision)
+  logits = _logits(q, k, mask, scale, precision)
+  row_max = logits.max(-1, keepdims=True)
+  exp = jnp.exp(logits - row_max)
+  row_sum = exp.sum(-1, keepdims=True)
+  probs = exp / row_sum
   out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, precision=precision,
                    preferred_element_type=jnp.float32).astype(q.dtype)
   return out, (q, k, v, mask, out, row_max, row_sum)
@@ -115,7 +104,7 @@ def _softmax_attention_fwd(q, k, v, mask, scale, precision):
 
 def _softmax_attention_bwd(scale, precision, residuals, d_out):
   q, k, v, mask, out, row_max, row_sum = residuals
-  probs = _recomputed(q, k, mask, scale, precision, row_max, row_sum)
+  probs = jnp.exp(_logits(q, k, mask, scale, precision) - row_max) / row_sum
   d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_out.dtype), d_out, precision=precision,
                    preferred_element_type=jnp.float32)
   d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, precision=precision,
