@@ -17,16 +17,12 @@ import launch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env(devices=2):
-  return xla_env.env(devices)
-
-
 def _launch(tmp_path, *flags, config="configs/wan21_t2v.py:tiny"):
   args = [f"--config={config}"] if config else []
   return subprocess.run(
       [sys.executable, os.path.join(ROOT, "launch.py"), *args,
        f"--config.output_dir={tmp_path}", f"--config.jax_cache_dir={tmp_path / 'jax_cache'}",
-       *flags], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+       *flags], cwd=ROOT, env=xla_env.env(2), capture_output=True, text=True, timeout=300)
 
 
 def _readme_main_command() -> str:
@@ -63,13 +59,13 @@ def test_readme_main_command_runs_as_written_and_resumes(tmp_path):
   assert command.startswith(".venv/bin/python launch.py --config=configs/wan21_t2v.py:tiny")
   clone = _scratch_copy(tmp_path)
   argv = [sys.executable] + command.split()[1:]  # this interpreter stands in for .venv's
-  first = subprocess.run(argv, cwd=clone, env=_env(), capture_output=True, text=True,
+  first = subprocess.run(argv, cwd=clone, env=xla_env.env(2), capture_output=True, text=True,
                          timeout=300)
   assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-3000:]
   run_dir = clone / "out" / "wan21_t2v_tiny"
   assert sorted(os.listdir(run_dir / "checkpoints"), key=int) == ["10", "20", "30"]
   assert "wan2.1-t2v" in first.stdout and "per device" in first.stdout  # the plan summary
-  again = subprocess.run(argv, cwd=clone, env=_env(), capture_output=True, text=True,
+  again = subprocess.run(argv, cwd=clone, env=xla_env.env(2), capture_output=True, text=True,
                          timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
   assert again.stdout.count("resumed from step 30") == 1
