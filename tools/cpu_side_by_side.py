@@ -103,7 +103,7 @@ def _run_config(model_dir: str, out_dir: str):
 def jax_side(model_dir: str, out_dir: str, steps: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from wan import data, plan as plan_lib, train, transformer  # pylint: disable=import-outside-toplevel
+  from wan import data, params as params_lib, plan as plan_lib, train, transformer  # pylint: disable=import-outside-toplevel
 
   plan = plan_lib.make(_run_config(model_dir, out_dir), plan_lib.Devices.of(jax.devices()[:1]))
   run = train.setup(plan, jax.devices()[:1])
@@ -134,10 +134,9 @@ def jax_side(model_dir: str, out_dir: str, steps: int) -> dict:
         "forward_s": _median_s(lambda: jax.block_until_ready(forward(params)), steps),
         "forward_backward_s": _median_s(lambda: jax.block_until_ready(grads(params)), steps),
     }
-    params = None  # donated by the step from here on
     result["step_s"] = _median_s(one_step, steps)
   result["jax"] = jax.__version__
-  result["parameters"] = int(sum(x.size for x in jax.tree.leaves(holder["state"]["params"])))
+  result["parameters"] = params_lib.count(transformer.declarations(cfg))
   return result
 
 
