@@ -207,7 +207,8 @@ def plan_config(c):
 
 
 def train_program(c, devices):
-  """(compiled train step, its arguments, mesh) for config `c` on `devices`."""
+  """(lowered train step, its arguments, mesh, a description, the plan) for config `c` on
+  `devices`."""
   import jax
   from wan import plan as plan_lib, train
   from wan.data import batch as batch_lib
@@ -222,14 +223,15 @@ def train_program(c, devices):
           + (f" LoRA rank {plan.lora.rank}" if plan.lora else "")
           + f", global batch {plan.global_batch}, {plan.seq_len} tokens/sample, remat "
           f"{plan.options.remat_policy}, {plan.options.weights_dtype} weights")
-  return lowered, (state, batch), run.mesh, what
+  return lowered, (state, batch), run.mesh, what, plan
 
 
 def measure(c, topology: str, job: str = "train", top: int = 8) -> Report:
   """Compiles config `c`'s `job` program for `topology` and returns its Report."""
   devices = topology_devices(topology)
   c = plan_config(c)
-  lowered, args, mesh, what = (train_program if job == "train" else sample_program)(c, devices)
+  lowered, args, mesh, what, _ = (train_program if job == "train" else sample_program)(
+      c, devices)
   try:
     compiled = lowered.compile()
   except Exception as e:  # the TPU compiler refuses what does not fit
@@ -241,8 +243,9 @@ def measure(c, topology: str, job: str = "train", top: int = 8) -> Report:
 
 
 def sample_program(c, devices):
-  """(one compiled denoising step of job=generate, its arguments, mesh): the transformer's
-  guided velocity (both guidance halves in one batch, as wan.pipeline runs it) for one video."""
+  """(one lowered denoising step of job=generate, its arguments, mesh, a description, the
+  generation plan): the transformer's guided velocity (both guidance halves in one batch, as
+  wan.pipeline runs it) for one video."""
   import tempfile
   import jax
   import jax.numpy as jnp
@@ -286,7 +289,7 @@ def sample_program(c, devices):
           f"{tokens} tokens, {'both guidance halves in one batch' if guided else 'no guidance'}"
           f"), {gen.options.weights_dtype} weights; the text encoder, VAE and CLIP the job "
           f"also holds are not counted")
-  return lowered, args, mesh, what
+  return lowered, args, mesh, what, gen
 
 
 def print_report(r: Report):
@@ -310,13 +313,18 @@ def print_report(r: Report):
   print(json.dumps(r.summary()))
 
 
-def main(argv):
-  del argv
+def require_libtpu(tool: str):
+  """Exits with the install command when libtpu, whose TPU compiler `tool` runs, is missing."""
   if importlib.util.find_spec("libtpu") is None:
     import jax
-    sys.exit("the capacity planner compiles with libtpu's TPU compiler, which is not installed: "
+    sys.exit(f"{tool} compiles with libtpu's TPU compiler, which is not installed: "
              f'pip install "jax[tpu]=={jax.__version__}" (no TPU is needed; keep it out of '
              "requirements.txt)")
+
+
+def main(argv):
+  del argv
+  require_libtpu("the capacity planner")
   from wan.errors import ConfigError
   try:
     report = measure(FLAGS.config, FLAGS.topology, FLAGS.job, FLAGS.top)

@@ -32,10 +32,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import capacity  # noqa: E402
+from wan import params as params_lib, train  # noqa: E402
+from wan.numerics import DTYPES  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file[:variant].")
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p:2x2x1", "TPU topology (benchmarks/capacity.py).")
@@ -165,12 +169,7 @@ def audit(hlo: str, devices: int, layers: int) -> dict:
 def fsdp_minimum(plan) -> dict:
   """Per layer and device: the bytes of one gather of the layer's weights and of one
   reduce-scatter of its gradient, and how many gathers the remat policy needs."""
-  from wan import train
-  from wan.numerics import DTYPES
-  import numpy as np
   decls = train.trained_declarations(plan)
-  import jax
-  from wan import params as params_lib
   leaves = jax.tree.leaves(params_lib.abstract(decls, DTYPES[plan.options.weights_dtype]))
   layers = plan.model.num_layers
   per_layer = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in leaves
@@ -215,15 +214,10 @@ def format_table(result: dict, minimum: dict) -> str:
 
 def main(argv):
   del argv
-  import importlib.util
-  if importlib.util.find_spec("libtpu") is None:
-    import jax
-    sys.exit(f'the HLO audit compiles with libtpu: pip install "jax[tpu]=={jax.__version__}"')
-  from wan import plan as plan_lib
+  capacity.require_libtpu("the HLO audit")
   devices = capacity.topology_devices(_TOPOLOGY.value)
-  c = capacity.plan_config(_CONFIG.value)
-  lowered, _, _, what = capacity.train_program(c, devices)
-  plan = plan_lib.make(c, plan_lib.Devices.of(devices))
+  lowered, _, _, what, plan = capacity.train_program(capacity.plan_config(_CONFIG.value),
+                                                     devices)
   hlo = lowered.compile().as_text()
   if _HLO.value:
     with open(_HLO.value, "w") as f:

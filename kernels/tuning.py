@@ -99,18 +99,22 @@ def device_key(device=None) -> str:
         return key
     return "tpu"
   if device.platform == "gpu":
-    for key in ("h100", "h200"):
+    for key in _GPU_KEYS:
       if key in kind:
         return key
     return "gpu"
   return "cpu"
 
 
+# The GPU table keys named by their device_kind; "gpu" is the entry of any other GPU.
+_GPU_KEYS = ("h100", "h200")
+
+
 def platform_of(key: str) -> str:
   """"tpu" | "gpu" | "cpu": the platform of a table key."""
   if key not in TABLE:
     raise ValueError(f"unknown device key {key!r}; known: {sorted(TABLE)}")
-  return "cpu" if key == "cpu" else "gpu" if key in ("h100", "h200", "gpu") else "tpu"
+  return "cpu" if key == "cpu" else "gpu" if key in _GPU_KEYS + ("gpu",) else "tpu"
 
 
 def block_sizes_for(key: str | None = None) -> BlockSizes:

@@ -1,5 +1,6 @@
 """Learning-rate schedules against their closed forms (float64 NumPy), and gradient clipping."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -72,3 +73,15 @@ def test_adamw_follows_the_run_step_and_equals_optax_adamw():
   # Only the step given sets the rate: an optimizer updated on steps 40.. of a run decays there.
   late, _ = ours.update(g, ours.init(params), params, step=TOTAL)
   np.testing.assert_array_equal(late["w"], 0.0)
+
+
+def test_global_norm_matches_float64_over_mixed_leaves():
+  rng = np.random.default_rng(0)
+  tree = {"a": jnp.asarray(rng.normal(size=(8, 3, 5)) * 30, jnp.float32),
+          "b": [jnp.asarray(rng.normal(size=(7,)), jnp.float32), jnp.zeros((0, 2))],
+          "c": jnp.asarray(rng.normal(size=(4, 4)), jnp.bfloat16)}
+  want = np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2) for x in jax.tree.leaves(tree)))
+  got = optim.global_norm(tree)
+  assert got.dtype == jnp.float32
+  assert float(got) == pytest.approx(want, rel=1e-6)
+  assert float(optim.global_norm({"x": jnp.array([jnp.inf, 1.0])})) == np.inf

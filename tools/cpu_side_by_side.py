@@ -103,7 +103,7 @@ def _run_config(model_dir: str, out_dir: str):
 def jax_side(model_dir: str, out_dir: str, steps: int) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from wan import data, params as params_lib, plan as plan_lib, train, transformer  # pylint: disable=import-outside-toplevel
+  from wan import data, numerics, params as params_lib, plan as plan_lib, train, transformer  # pylint: disable=import-outside-toplevel
 
   plan = plan_lib.make(_run_config(model_dir, out_dir), plan_lib.Devices.of(jax.devices()[:1]))
   run = train.setup(plan, jax.devices()[:1])
@@ -118,9 +118,12 @@ def jax_side(model_dir: str, out_dir: str, steps: int) -> dict:
   text = jax.random.normal(keys[2], (1, TEXT_LEN, cfg.text_dim))
   t = jnp.array([500.0])
 
-  forward = jax.jit(lambda p: transformer.forward(p, cfg, latents, t, text, options=opts))
+  xla = numerics.compiler_options("cpu")  # as the train step compiles
+  forward = jax.jit(lambda p: transformer.forward(p, cfg, latents, t, text, options=opts),
+                    compiler_options=xla)
   grads = jax.jit(jax.value_and_grad(lambda p: jnp.mean(jnp.square(
-      transformer.forward(p, cfg, latents, t, text, options=opts) - target))))
+      transformer.forward(p, cfg, latents, t, text, options=opts) - target))),
+                  compiler_options=xla)
   step = train.make_step(run)
   with jax.set_mesh(run.mesh):
     compiled = step.lower(state, batch).compile()

@@ -57,30 +57,36 @@ def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=N
   mask = None
   if q_segment_ids is not None:
     mask = q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :]
-  heads_major = lambda x: jnp.swapaxes(x, 1, 2)  # (B, S, H, D) <-> (B, H, S, D)
-  q, k, v = heads_major(q), heads_major(k), heads_major(v)
   if bias is not None:  # T5: the bias is a function of trained weights; plain autodiff
-    logits = _logits(q, k, mask, scale, precision, bias)
+    q, k, v = _heads_major(q), _heads_major(k), _heads_major(v)
+    logits = _logits(q, k, mask, precision) * scale + bias.astype(jnp.float32)
     out = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v,
                      precision=precision, preferred_element_type=jnp.float32)
-    return heads_major(out.astype(q.dtype))
-  return heads_major(_softmax_attention(q, k, v, mask, scale, precision))
+    return _heads_major(out.astype(q.dtype))
+  return _softmax_attention(q, k, v, mask, scale, precision)
 
 
-# Softmax attention over (B, H, S, D) with a hand-written backward. The heads-major layout is
-# the batched matmul XLA runs fastest (on CPU 4x the forward of the (B, S, H, D) einsums), and
-# the backward keeps only the softmax's row maxima and sums for the (B, H, Sq, Skv) logits,
-# recomputing the probabilities from them, as a flash kernel does: autodiff would store the
+# Softmax attention with a hand-written backward, as a flash kernel computes it but over whole
+# rows. It runs heads-major, (B, H, S, D): the batched matmul XLA runs fastest (on CPU 4x the
+# forward of the (B, S, H, D) einsums). Each pass over the (B, H, Sq, Skv) logits costs as much
+# as a small matmul, so there are few: the scale is applied inside the exponential (softmax of
+# scale * s has the row maximum scale * max(s)), the output is normalised after the
+# probabilities' matmul, and the backward recomputes the probabilities in one pass from the
+# rows' maxima and sums. The residuals are q, k, v and the output in the caller's (B, S, H, D)
+# layout, the arrays the model holds anyway, and those row statistics: autodiff would store the
 # probabilities of every layer (a layer-stacked Sq x Skv buffer per head) and read them back.
 
 
-def _logits(q, k, mask, scale, precision, bias=None):
-  """Scaled float32 logits (B, H, Sq, Skv) of heads-major q, k; plus bias; masked ones at the
-  float32 minimum (a row without any key attends uniformly)."""
+def _heads_major(x):
+  """(B, S, H, D) <-> (B, H, S, D)."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _logits(q, k, mask, precision):
+  """Unscaled float32 logits (B, H, Sq, Skv) of heads-major q, k; masked ones at the float32
+  minimum (a row without any key attends uniformly)."""
   logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, precision=precision,
-                      preferred_element_type=jnp.float32) * scale
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
+                      preferred_element_type=jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   return logits
@@ -92,34 +98,37 @@ def _softmax_attention(q, k, v, mask, scale, precision):
 
 
 def _softmax_attention_fwd(q, k, v, mask, scale, precision):
-  logits = _logits(q, k, mask, scale, precision)
+  logits = _logits(_heads_major(q), _heads_major(k), mask, precision)
   row_max = logits.max(-1, keepdims=True)
-  exp = jnp.exp(logits - row_max)
+  exp = jnp.exp((logits - row_max) * scale)
   row_sum = exp.sum(-1, keepdims=True)
-  probs = exp / row_sum
-  out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), v, precision=precision,
-                   preferred_element_type=jnp.float32).astype(q.dtype)
+  out = jnp.einsum("bhqk,bhkd->bhqd", exp.astype(v.dtype), _heads_major(v), precision=precision,
+                   preferred_element_type=jnp.float32) / row_sum
+  out = _heads_major(out.astype(q.dtype))
   return out, (q, k, v, mask, out, row_max, row_sum)
 
 
 def _softmax_attention_bwd(scale, precision, residuals, d_out):
   q, k, v, mask, out, row_max, row_sum = residuals
-  probs = jnp.exp(_logits(q, k, mask, scale, precision) - row_max) / row_sum
-  d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_out.dtype), d_out, precision=precision,
+  q, k, v, d_o = _heads_major(q), _heads_major(k), _heads_major(v), _heads_major(d_out)
+  probs = jnp.exp((_logits(q, k, mask, precision) - row_max) * scale) / row_sum
+  d_v = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(d_o.dtype), d_o, precision=precision,
                    preferred_element_type=jnp.float32)
-  d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, precision=precision,
+  d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_o, v, precision=precision,
                        preferred_element_type=jnp.float32)
   # softmax': dL/dlogit = p * (dL/dp - sum_k p dL/dp), and sum_k p dL/dp = <dL/dout, out>.
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1, keepdims=True)
-  d_logits = probs * (d_probs - delta) * scale
+  delta = _heads_major(jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1,
+                               keepdims=True))
+  d_logits = probs * (d_probs - delta)  # of the scaled logits
   if mask is not None:  # masked logits are constants (a row without keys has p = 1 / Skv)
     d_logits = jnp.where(mask, d_logits, 0.0)
   d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits.astype(k.dtype), k, precision=precision,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=jnp.float32) * scale
   d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits.astype(q.dtype), q, precision=precision,
-                   preferred_element_type=jnp.float32)
+                   preferred_element_type=jnp.float32) * scale
   d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
-  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_mask
+  return (_heads_major(d_q).astype(q.dtype), _heads_major(d_k).astype(k.dtype),
+          _heads_major(d_v).astype(v.dtype), d_mask)
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wan import fs, generate, pipeline, samplers, sharding, ssim, transformer
+from wan import fs, generate, numerics, pipeline, samplers, sharding, ssim, transformer
 from wan.data import encode, loader, records
 from wan.numerics import DTYPES
 
@@ -82,7 +82,8 @@ class Evaluator:
     self._pipe = None
     if e.videos or e.ssim:
       self._pipe, self._prompts, self._negative = self._make_pipe()
-    self._losses = jax.jit(self._batch_losses)
+    self._losses = jax.jit(self._batch_losses, compiler_options=numerics.compiler_options(
+        mesh.devices.flat[0].platform))
 
   def due(self, step: int) -> bool:
     return step % self._eval.every == 0

@@ -32,7 +32,7 @@ from wan.weights import image_encoder as weights
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": layers.gelu_tanh,
 }
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -35,8 +35,8 @@ from wan.weights import roots
 from wan.weights import text_encoder as weights
 
 ACTIVATIONS = {
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # tanh approximation
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_new": layers.gelu_tanh,  # tanh approximation
+    "gelu_pytorch_tanh": layers.gelu_tanh,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "relu": jax.nn.relu,
 }

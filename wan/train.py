@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 
 from wan import (checkpoint, conditioning, data, evaluate, experts, flow, fs, guards, lora,
-                 metrics, optim, params as params_lib, quant, sharding, transformer)
+                 metrics, numerics, optim, params as params_lib, quant, sharding, transformer)
 from wan.data import batch as batch_lib
 from wan.data import packing
 from wan.errors import CheckpointError, ConfigError, TrainingStopped
@@ -363,8 +363,10 @@ def _high_noise_step(key, plan: Plan):
 def make_step(run: Run):
   """The jitted train step: (state, batch) -> (state, metrics); the state is donated.
 
-  A step whose loss, gradients or updated parameters are not finite keeps the old parameters
-  and optimizer state (stats["finite"] says so; the loop counts them). With
+  A step whose loss or gradients are not finite keeps the old parameters and optimizer state
+  (stats["finite"] says so; the loop counts them). Finite gradients (a finite global norm)
+  bound AdamW's update by about the learning rate, so the new parameters are then finite too;
+  checking them as well cost one more pass over every parameter. With
   gradient_accumulation_steps > 1 the batch runs as micro-batches (`_loss_and_grads`).
   expert=both: one expert per step (`_high_noise_step`), every sample of the batch at a noise
   level on its side of the boundary; a lax.cond runs that expert's forward, backward and
@@ -373,7 +375,7 @@ def make_step(run: Run):
 
   def update(state, batch, key, expert, sigma_range=None):
     """One expert's (params, opt_state, loss, sigma, grad norm, finite) after its step; a step
-    whose loss, gradients or new parameters are not all finite keeps the old ones."""
+    whose loss or gradients are not all finite keeps the old ones."""
     trained, opt_state = _of(run, state["params"], expert), _of(run, state["opt_state"], expert)
     base = _of(run, state["base"], expert) if plan.lora else None
     with _scope(plan, "grad"):
@@ -383,8 +385,8 @@ def make_step(run: Run):
       updates, new_opt_state = _tx(run, expert).update(grads, opt_state, trained,
                                                        step=state["step"])
       new = optax.apply_updates(trained, updates)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(new))
+    grad_norm = optim.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
     return keep(new, trained), keep(new_opt_state, opt_state), loss, sigma, grad_norm, finite
 
@@ -421,7 +423,8 @@ def make_step(run: Run):
 
   replicated = jax.NamedSharding(run.mesh, jax.P())
   return jax.jit(step, in_shardings=(run.state_shardings, batch_lib.shardings(plan, run.mesh)),
-                 out_shardings=(run.state_shardings, replicated), donate_argnums=0)
+                 out_shardings=(run.state_shardings, replicated), donate_argnums=0,
+                 compiler_options=numerics.compiler_options(run.mesh.devices.flat[0].platform))
 
 
 class _Profiler:

@@ -364,7 +364,7 @@ def block(p, x, ctx, cfg: Config, opts: Options, dropout_key=None):
                           ctx["image_context"], ctx["image_segment_ids"])
 
   h = (layers.layer_norm(x, cfg.eps) * (1 + c_scale) + c_shift).astype(dtype)
-  h = jax.nn.gelu(_dense(p["ffn"]["fc1"], h, opts), approximate=True)
+  h = layers.gelu_tanh(_dense(p["ffn"]["fc1"], h, opts))
   h = _dropout(checkpoint_name(h, "ffn_activation"), opts.dropout, keys[1])
   h = _dense(p["ffn"]["fc2"], h, opts)
   x = (x.astype(jnp.float32) + h.astype(jnp.float32) * c_gate).astype(dtype)
@@ -475,7 +475,7 @@ def _network(p, cfg: Config, tokens, rope, timestep, text, image, segment_ids: d
   modulation = modulation.reshape(*modulation.shape[:-1], 6, cfg.dim)
 
   tx = p["text_embed"]
-  context = _dense(tx["fc2"], jax.nn.gelu(_dense(tx["fc1"], text, opts), approximate=True), opts)
+  context = _dense(tx["fc2"], layers.gelu_tanh(_dense(tx["fc1"], text, opts)), opts)
   context = sharding.constrain(context, ("batch", "kv_length", "act_embed"))
   image_context = None if image is None else _image_context(p["image_embed"], image, opts)
 
