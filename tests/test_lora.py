@@ -243,7 +243,8 @@ def test_lora_run_resumes_exactly_and_writes_lora_files(tmp_path):
                      jax.devices()[:1])
   assert first + rest == straight
   run_dir = tmp_path / "a" / "wan21_t2v_tiny"
-  assert sorted(os.listdir(run_dir / "lora")) == ["1", "2", "3", "4"]
+  # One folder per checkpoint, the newest checkpoints_to_keep (3) of them kept.
+  assert sorted(os.listdir(run_dir / "lora")) == ["2", "3", "4"]
   assert sorted(os.listdir(run_dir / "lora" / "4")) == sorted(lora_weights.FILES.values())
   # The checkpoint holds the adapters alone (no frozen base): small.
   found = checkpoint.latest_params(str(run_dir / "checkpoints"),

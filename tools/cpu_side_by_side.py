@@ -31,7 +31,9 @@ LATENTS = (5, 24, 32, 16)  # frames, height, width, channels (channels-last)
 TEXT_LEN = 64
 
 
-def _median_s(fn, steps: int, warmup: int = 2) -> float:
+def _timed(result: dict, name: str, fn, steps: int, warmup: int = 2):
+  """result[name + "_s"]: the median of `steps` timed calls of fn; result[name + "_min_s"]:
+  the fastest (on a shared machine the least disturbed)."""
   for _ in range(warmup):
     fn()
   times = []
@@ -39,7 +41,7 @@ def _median_s(fn, steps: int, warmup: int = 2) -> float:
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  result[name + "_s"], result[name + "_min_s"] = statistics.median(times), min(times)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,9 +74,10 @@ def torch_side(model_dir: str, steps: int, threads: int) -> dict:
     forward_backward()
     opt.step()
 
-  return {"forward_s": _median_s(forward, steps), "forward_backward_s": _median_s(
-      forward_backward, steps), "step_s": _median_s(step, steps), "torch": torch.__version__,
-      "threads": threads}
+  result = {"torch": torch.__version__, "threads": threads}
+  for name, fn in (("forward", forward), ("forward_backward", forward_backward), ("step", step)):
+    _timed(result, name, fn, steps)
+  return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,12 +136,10 @@ def jax_side(model_dir: str, out_dir: str, steps: int) -> dict:
       holder["state"], stats = compiled(holder["state"], batch)
       jax.block_until_ready(stats)
 
-    result = {
-        "forward_s": _median_s(lambda: jax.block_until_ready(forward(params)), steps),
-        "forward_backward_s": _median_s(lambda: jax.block_until_ready(grads(params)), steps),
-    }
-    result["step_s"] = _median_s(one_step, steps)
-  result["jax"] = jax.__version__
+    result = {"jax": jax.__version__}
+    _timed(result, "forward", lambda: jax.block_until_ready(forward(params)), steps)
+    _timed(result, "forward_backward", lambda: jax.block_until_ready(grads(params)), steps)
+    _timed(result, "step", one_step, steps)
   result["parameters"] = params_lib.count(transformer.declarations(cfg))
   return result
 
@@ -146,7 +147,7 @@ def jax_side(model_dir: str, out_dir: str, steps: int) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--torch_python", help="python of a venv with torch and diffusers")
-  parser.add_argument("--steps", type=int, default=5, help="timed repetitions (median)")
+  parser.add_argument("--steps", type=int, default=5, help="timed repetitions (median, min)")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
   parser.add_argument("--torch_side", metavar="MODEL_DIR", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -169,17 +170,22 @@ def main():
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
   print(f"{ours['parameters'] / 1e6:.1f}M parameters, latents {LATENTS} (960 tokens), "
         f"{TEXT_LEN} text tokens, batch 1, float32")
-  print(f"{'':24}{'ours (jax ' + ours['jax'] + ')':>22}{'diffusers (torch ' + theirs['torch'] + ')':>30}")
-  for name, key in (("forward", "forward_s"), ("forward + backward", "forward_backward_s"),
-                    ("train step", "step_s")):
-    print(f"{name:24}{ours[key] * 1e3:>19.0f} ms{theirs[key] * 1e3:>27.0f} ms")
-  ratio = theirs["step_s"] / ours["step_s"]
-  bwd_ours = ours["forward_backward_s"] / ours["forward_s"]
-  bwd_theirs = theirs["forward_backward_s"] / theirs["forward_s"]
-  print(f"train step: ours is {ratio:.2f}x as fast; (forward + backward) / forward: ours "
-        f"{bwd_ours:.2f}, theirs {bwd_theirs:.2f}")
-  print(json.dumps({"ours": ours, "diffusers": theirs, "step_speedup": ratio,
-                    "ours_fwd_bwd_over_fwd": bwd_ours, "theirs_fwd_bwd_over_fwd": bwd_theirs}))
+  print(f"{'median (min)':24}{'ours (jax ' + ours['jax'] + ')':>24}"
+        f"{'diffusers (torch ' + theirs['torch'] + ')':>32}")
+  for name, key in (("forward", "forward"), ("forward + backward", "forward_backward"),
+                    ("train step", "step")):
+    cell = lambda side, key=key: f"{side[key + '_s'] * 1e3:.0f} ({side[key + '_min_s'] * 1e3:.0f}) ms"
+    print(f"{name:24}{cell(ours):>24}{cell(theirs):>32}")
+  summary = {"ours": ours, "diffusers": theirs}
+  for stat in ("", "_min"):
+    summary["step_speedup" + stat] = theirs[f"step{stat}_s"] / ours[f"step{stat}_s"]
+    for side, name in ((ours, "ours"), (theirs, "theirs")):
+      summary[f"{name}_fwd_bwd_over_fwd{stat}"] = (side[f"forward_backward{stat}_s"]
+                                                   / side[f"forward{stat}_s"])
+  print(f"train step: ours is {summary['step_speedup']:.2f}x as fast (min: "
+        f"{summary['step_speedup_min']:.2f}x); (forward + backward) / forward: ours "
+        f"{summary['ours_fwd_bwd_over_fwd']:.2f}, theirs {summary['theirs_fwd_bwd_over_fwd']:.2f}")
+  print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -544,8 +544,11 @@ def _make_output_dirs(out):
 def save_lora(run: Run, state: dict, step: int) -> str:
   """Writes the adapters as {run_dir}/lora/<step>/ in the three LoRA formats (expert=both: one
   folder per expert in it; process 0 writes, every process takes part in gathering them);
-  returns the directory."""
-  directory = fs.join(run.plan.outputs.run_dir, "lora", str(step))
+  returns the directory. As with the checkpoints, the newest checkpoints_to_keep of these
+  folders are kept and older ones removed (after the new one is complete)."""
+  out = run.plan.outputs
+  parent = fs.join(out.run_dir, "lora")
+  directory = fs.join(parent, str(step))
   adapters = jax.tree.map(sharding.to_host, state["params"])
   if jax.process_index() == 0:
     if run.plan.expert == "both":  # <step>/high_noise/ and <step>/low_noise/
@@ -553,6 +556,9 @@ def save_lora(run: Run, state: dict, step: int) -> str:
         lora.save(fs.join(directory, name), adapters[name], run.plan.lora.alpha)
     else:
       lora.save(directory, adapters, run.plan.lora.alpha)
+    steps = sorted(int(name) for name in fs.listdir(parent) if name.isdigit())
+    for old in steps[:-out.checkpoints_to_keep]:
+      fs.rmtree(fs.join(parent, str(old)))
   return directory
 
 
