@@ -73,3 +73,22 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, mesh):
   with pytest.raises(ValueError, match="checkpoint at step 1 .* is damaged"):
     ckpt.restore(1, _state(mesh))
   ckpt.close()
+
+
+@pytest.mark.parametrize("saved_by,restored_by", [(False, True), (True, False)],
+                         ids=["plain-then-single-replica", "single-replica-then-plain"])
+def test_single_replica_restore_equals_every_replica_reading(tmp_path, saved_by, restored_by):
+  """enable_single_replica_ckpt_restoring: replica 0 of the data axis reads, the other replica
+  receives by broadcast; values and shardings as a plain restore, either writer's checkpoint."""
+  replicas = jax.make_mesh((2, 4), ("data", "fsdp"), devices=jax.devices())
+  writer = checkpoint.Checkpointer(str(tmp_path), 1, True, single_replica=saved_by)
+  writer.save(5, _state(replicas, scale=5.0), {"next_sample": 20})
+  writer.close()
+  reader = checkpoint.Checkpointer(str(tmp_path), 1, True, single_replica=restored_by)
+  state, data_state = reader.restore(5, _state(replicas, scale=0.0))
+  reader.close()
+  assert data_state == {"next_sample": 20}
+  for got, ref in zip(jax.tree.leaves(state), jax.tree.leaves(_state(replicas, scale=5.0))):
+    assert got.sharding == ref.sharding
+    for shard in got.addressable_shards:  # every device's copy, the broadcast ones included
+      np.testing.assert_array_equal(shard.data, np.asarray(ref)[shard.index])

@@ -400,3 +400,11 @@ def test_docs_table_covers_every_field():
   fields = set(base.get_config().keys())
   assert fields - documented == set(), "fields missing from docs/config.md"
   assert documented - fields == set(), "docs/config.md names fields that do not exist"
+
+
+def test_single_replica_restore_is_a_checkpoint_setting():
+  assert _plan(enable_single_replica_ckpt_restoring=True,
+               checkpoint_every=2).outputs.single_replica_restore
+  assert not _plan(checkpoint_every=2).outputs.single_replica_restore
+  with pytest.raises(ConfigError, match="has no effect unless job=train with checkpoint_every"):
+    _plan(enable_single_replica_ckpt_restoring=True, checkpoint_every=-1)

@@ -14,6 +14,7 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import type_handlers
 
 from wan import fs
 from wan.errors import CheckpointError
@@ -24,10 +25,18 @@ UNSAVED = ("base",)
 
 
 class Checkpointer:
-  """Saves and restores `{"step", "params", "opt_state"}` states plus the data position."""
+  """Saves and restores `{"step", "params", "opt_state"}` states plus the data position.
 
-  def __init__(self, directory: str, keep: int, save_optimizer: bool):
-    self._save_optimizer = save_optimizer
+  single_replica: restores read each array on one replica only (the devices at index 0 of the
+  mesh's first axis, "data", over which every saved array is replicated) and broadcast it to
+  the other replicas over the interconnect (orbax's single-replica handler), instead of every
+  replica reading the whole checkpoint from storage. Saves are the same either way, and either
+  reads the other's checkpoints.
+  """
+
+  def __init__(self, directory: str, keep: int, save_optimizer: bool,
+               single_replica: bool = False):
+    self._save_optimizer, self._single_replica = save_optimizer, single_replica
     self._directory, self._keep = directory, keep
     self._writing_step = None  # the step of the save in flight
     if not fs.is_remote(directory):
@@ -35,8 +44,14 @@ class Checkpointer:
     self._manager = self._open()
 
   def _open(self):
-    return ocp.CheckpointManager(self._directory, options=ocp.CheckpointManagerOptions(
-        max_to_keep=self._keep, enable_async_checkpointing=True, create=True))
+    array_handler = (type_handlers.SingleReplicaArrayHandler(replica_axis_index=0)
+                     if self._single_replica else type_handlers.ArrayHandler())
+    registry = type_handlers.create_type_handler_registry((jax.Array, array_handler))
+    return ocp.CheckpointManager(
+        self._directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=self._keep, enable_async_checkpointing=True, create=True),
+        item_handlers={"state": ocp.PyTreeCheckpointHandler(type_handler_registry=registry),
+                       "data": ocp.JsonCheckpointHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -51,7 +66,7 @@ class Checkpointer:
     with self._writing():
       self._check_space(saved)
       self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(data_state)))
+          state=ocp.args.PyTreeSave(saved), data=ocp.args.JsonSave(data_state)))
 
   def _check_space(self, saved: dict):
     """Refuses a save that the local disk cannot hold, before writing any of it (a write that
@@ -70,9 +85,14 @@ class Checkpointer:
     target = self._saved(state_like)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
+    args_type = (type_handlers.SingleReplicaArrayRestoreArgs if self._single_replica
+                 else type_handlers.ArrayRestoreArgs)
+    restore_args = jax.tree.map(lambda x: args_type(sharding=x.sharding, global_shape=x.shape,
+                                                    dtype=x.dtype), target)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+          state=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args),
+          data=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except  (orbax raises bare Exceptions too)
       raise CheckpointError(
           f"checkpoint at step {step} in {self._manager.directory} cannot be restored: it is "

@@ -42,7 +42,7 @@ ENUMS = {
 
 # Fields of features that later work builds: any value but this one is refused.
 NOT_IMPLEMENTED = {
-    "enable_single_replica_ckpt_restoring": False, "replicate_vae": False, "from_pt": True,
+    "replicate_vae": False, "from_pt": True,
 }
 
 _REAL_DATA = ("dataset_type=tfrecord, grain, tf or hf (synthetic data has no shuffling or "
@@ -122,6 +122,9 @@ GATED = {
                                       lambda c: c.job == "train")),
     "checkpoint_dir": ("", _CHECKPOINT_DIR), "checkpoints_to_keep": (3, _CHECKPOINTS),
     "save_optimizer": (True, _CHECKPOINTS),
+    "enable_single_replica_ckpt_restoring": (False, ("job=train with checkpoint_every > 0",
+                                                     lambda c: c.job == "train"
+                                                     and c.checkpoint_every > 0)),
     "skip_first_n_steps_for_profiler": (5, _PROFILER), "profiler_steps": (10, _PROFILER),
     "tensorboard_flush_period": (10, ("write_metrics=True", lambda c: c.write_metrics)),
     "names_which_can_be_saved": ((), ("remat_policy=CUSTOM", lambda c: c.remat_policy == "CUSTOM")),
@@ -174,6 +177,7 @@ class Outputs:
   checkpoint_every: int  # samples; -1: no checkpoints
   checkpoints_to_keep: int
   save_optimizer: bool
+  single_replica_restore: bool  # enable_single_replica_ckpt_restoring (wan/checkpoint.py)
   write_metrics: bool
   flush_every: int  # steps
   log_every: int  # steps
@@ -625,6 +629,7 @@ def _outputs(c) -> Outputs:
   return Outputs(
       run_dir=run_dir, checkpoint_dir=checkpoint_dir, checkpoint_every=int(c.checkpoint_every),
       checkpoints_to_keep=int(c.checkpoints_to_keep), save_optimizer=c.save_optimizer,
+      single_replica_restore=bool(c.enable_single_replica_ckpt_restoring),
       write_metrics=c.write_metrics, flush_every=int(c.tensorboard_flush_period),
       log_every=int(c.log_every),
       profile_steps=((int(c.skip_first_n_steps_for_profiler), int(c.profiler_steps))

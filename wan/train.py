@@ -576,7 +576,7 @@ def _train(plan: Plan, devices, stops: guards.StopRequests) -> list[float]:
   ckpt, found = None, None
   if out.checkpoint_every > 0:
     ckpt = checkpoint.Checkpointer(out.checkpoint_dir, out.checkpoints_to_keep,
-                                   out.save_optimizer)
+                                   out.save_optimizer, out.single_replica_restore)
   if ckpt and ckpt.latest_step():  # restored straight into place: a full fine-tune's
     like = abstract_state(run)     # pretrained weights are not read
     if plan.lora:
