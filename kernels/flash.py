@@ -1,8 +1,11 @@
 """Flash attention: public API, padding, body dispatch and the custom VJP.
 
-`flash_attention` takes the model layout (B, S, H, D). Internally the kernels see (B, H, S, D)
-with each sequence padded to a multiple of its block; padded keys carry a segment id that no
-query has, so they are masked out, and padded query rows are sliced off. The backward
+`flash_attention` takes the model layout (B, S, H, D), and so do the kernels: each reads one
+head's (block, D) tile straight from it (kernels/tile_math.head_tile), so no activation is
+transposed around a call. Each sequence is padded to a multiple of its block and D to what the
+body tiles (TPU: a multiple of 128, GPU: a power of two >= 16); padded keys carry a segment id
+that no query has, so they are masked out, and padded query rows and head columns are sliced
+off. Per-query statistics (lse, di) are heads-major, (B, H, Sq). The backward
 recomputes probabilities from the saved log-sum-exp (FA2): a dK/dV kernel and a dQ kernel,
 with di = rowsum(o * do) computed in XLA.
 
@@ -108,53 +111,54 @@ def _seg_ids(q_seg, kv_seg, sq, skv, sq_pad, skv_pad, batch):
 
 
 def _pad_head(x, cfg):
-  """The Triton body needs a power-of-two head dim (>= 16); zero columns change nothing."""
+  """Zero head columns change nothing (the scale is the unpadded D's). The TPU body reads a
+  head as a lane-aligned column block, a multiple of 128 (every Wan model has D = 128); the
+  Triton body needs a power of two >= 16."""
   d = x.shape[-1]
-  if cfg.body != "gpu":
-    return x
-  return _pad_seq(x, max(16, pl_next_pow2(d)), x.ndim - 1)
+  width = _round_up(d, 128) if cfg.body == "tpu" else max(16, pl_next_pow2(d))
+  return _pad_seq(x, width, x.ndim - 1)
 
 
 def block_fwd(q, k, v, q_seg, kv_seg, cfg: KernelConfig, out_dtype=None):
   """One flash forward over all of k/v, any lengths.
 
-  q: (B, H, Sq, D); k, v: (B, H, Skv, D); segment ids (B, Sq) / (B, Skv) or None.
-  Returns out (B, H, Sq, D) in out_dtype (default q.dtype) and lse (B, H, Sq) float32.
+  q: (B, Sq, H, D); k, v: (B, Skv, H, D); segment ids (B, Sq) / (B, Skv) or None.
+  Returns out (B, Sq, H, D) in out_dtype (default q.dtype) and lse (B, H, Sq) float32.
   """
   body = _BODIES[cfg.body]
-  b, _, sq, d = q.shape
-  skv = k.shape[2]
+  b, sq, _, d = q.shape
+  skv = k.shape[1]
   s = cfg.sizes
   bq, bkv = _clamp(s.block_q, sq, cfg.body), _clamp(s.block_kv, skv, cfg.body)
   sizes = dataclasses.replace(s, block_q=bq, block_kv=bkv,
                               block_kv_compute=_compute(bkv, s.block_kv_compute))
   sq_pad, skv_pad = _round_up(sq, bq), _round_up(skv, bkv)
   qs, ks = _seg_ids(q_seg, kv_seg, sq, skv, sq_pad, skv_pad, b)
-  out, lse = body.fwd(_pad_head(_pad_seq(q, sq_pad, 2), cfg),
-                      _pad_head(_pad_seq(k, skv_pad, 2), cfg),
-                      _pad_head(_pad_seq(v, skv_pad, 2), cfg), qs, ks, sizes, scale=cfg.scale,
+  out, lse = body.fwd(_pad_head(_pad_seq(q, sq_pad, 1), cfg),
+                      _pad_head(_pad_seq(k, skv_pad, 1), cfg),
+                      _pad_head(_pad_seq(v, skv_pad, 1), cfg), qs, ks, sizes, scale=cfg.scale,
                       out_dtype=out_dtype or q.dtype, interpret=cfg.interpret)
-  return out[:, :, :sq, :d], lse[:, :, :sq]
+  return out[:, :sq, :, :d], lse[:, :, :sq]
 
 
 def block_bwd(q, k, v, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
   """Gradients of one flash block from the (global) lse; all results float32.
 
-  Shapes as in block_fwd; o, do: (B, H, Sq, D); lse: (B, H, Sq). Because p is recomputed with
+  Shapes as in block_fwd; o, do: (B, Sq, H, D); lse: (B, H, Sq). Because p is recomputed with
   the lse of the whole softmax, a call over a subset of keys returns exactly their share.
   """
   body = _BODIES[cfg.body]
-  b, _, sq, d = q.shape
-  skv = k.shape[2]
+  b, sq, _, d = q.shape
+  skv = k.shape[1]
   s = cfg.sizes
-  di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
+  di = jnp.swapaxes(jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1), 1, 2)
   do = do.astype(q.dtype)
 
   def padded(bq, bkv):
     sq_pad, skv_pad = _round_up(sq, bq), _round_up(skv, bkv)
     qs, ks = _seg_ids(q_seg, kv_seg, sq, skv, sq_pad, skv_pad, b)
-    pq = lambda x: _pad_head(_pad_seq(x, sq_pad, 2), cfg)
-    pk = lambda x: _pad_head(_pad_seq(x, skv_pad, 2), cfg)
+    pq = lambda x: _pad_head(_pad_seq(x, sq_pad, 1), cfg)
+    pk = lambda x: _pad_head(_pad_seq(x, skv_pad, 1), cfg)
     return (pq(q), pk(k), pk(v), qs, ks, pq(do), _pad_seq(lse, sq_pad, 2),
             _pad_seq(di, sq_pad, 2))
 
@@ -165,7 +169,7 @@ def block_bwd(q, k, v, q_seg, kv_seg, o, lse, do, cfg: KernelConfig):
   bq, bkv = _clamp(s.block_q_dq, sq, cfg.body), _clamp(s.block_kv_dq, skv, cfg.body)
   sizes = dataclasses.replace(s, block_q_dq=bq, block_kv_dq=bkv)
   dq = body.dq(*padded(bq, bkv), sizes, scale=cfg.scale, interpret=cfg.interpret)
-  return dq[:, :, :sq, :d], dk[:, :, :skv, :d], dv[:, :, :skv, :d]
+  return dq[:, :sq, :, :d], dk[:, :skv, :, :d], dv[:, :skv, :, :d]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -225,6 +229,4 @@ def flash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, block_s
   check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
   cfg = resolve(q.shape[-1], block_sizes=block_sizes, backend=backend, interpret=interpret,
                 target=target)
-  to_bhsd = lambda x: jnp.swapaxes(x, 1, 2)
-  out = _flash(to_bhsd(q), to_bhsd(k), to_bhsd(v), q_segment_ids, kv_segment_ids, cfg)
-  return jnp.swapaxes(out, 1, 2)
+  return _flash(q, k, v, q_segment_ids, kv_segment_ids, cfg)

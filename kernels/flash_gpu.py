@@ -2,7 +2,8 @@
 
 Triton has no scratch memory that persists across grid steps, so unlike the TPU body the
 reduction runs as a `fori_loop` in the kernel with (m, l, acc) / (dk, dv) / dq as loop carries,
-over the whole other sequence held as one block. Same layout, padding and math as the TPU body
+over the whole other sequence held as one block. Same layout (the model's (B, S, H, D), viewed
+as (B, S, H·D) with one head's tile as a column block), padding and math as the TPU body
 (kernels/flash_tpu.py, kernels/tile_math.py). The Triton backend is deprecated from jax 0.11
 but present; a Mosaic GPU body would replace this one.
 """
@@ -45,29 +46,30 @@ def _fwd_kernel(*refs, scale, block_kv, has_seg):
 
 
 def fwd(q, k, v, q_seg, kv_seg, sizes, *, scale, out_dtype, interpret):
-  """-> out (B, H, Sq, D) out_dtype, lse (B, H, Sq) float32. Blocks must divide the lengths."""
-  b, h, sq, d = q.shape
-  skv = k.shape[2]
+  """-> out (B, Sq, H, D) out_dtype, lse (B, H, Sq) float32. Blocks must divide the lengths."""
+  b, sq, h, d = q.shape
+  skv = k.shape[1]
   bq, bkv = sizes.block_q, sizes.block_kv
   has_seg = q_seg is not None
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, None, skv, d), lambda bi, hi, i: (bi, hi, 0, 0))
-  in_specs, args = [q_spec, kv_spec, kv_spec], [q, k, v]
+  q_spec = tile_math.head_tile(bq, d, lambda bi, hi, i: (bi, i, hi))
+  kv_spec = tile_math.head_tile(skv, d, lambda bi, hi, i: (bi, 0, hi))
+  in_specs, args = [q_spec, kv_spec, kv_spec], [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v)]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i)),
                 pl.BlockSpec((None, skv), lambda bi, hi, i: (bi, 0))] + in_specs
     args = [q_seg, kv_seg] + args
-  return pl.pallas_call(
+  out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, block_kv=bkv, has_seg=has_seg),
       grid=(b, h, sq // bq),
       in_specs=in_specs,
       out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, sq, d), out_dtype),
+      out_shape=[jax.ShapeDtypeStruct((b, sq, h * d), out_dtype),
                  jax.ShapeDtypeStruct((b, h, sq), jnp.float32)],
       compiler_params=_params(sizes, d),
       interpret=interpret,
       name="flash_fwd_triton",
   )(*args)
+  return out.reshape(q.shape), lse
 
 
 def _dkv_kernel(*refs, scale, block_q, has_seg):
@@ -91,31 +93,32 @@ def _dkv_kernel(*refs, scale, block_q, has_seg):
 
 
 def dkv(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
-  """-> dk, dv (B, H, Skv, D) float32. lse, di: (B, H, Sq) float32."""
-  b, h, sq, d = q.shape
-  skv = k.shape[2]
+  """-> dk, dv (B, Skv, H, D) float32. lse, di: (B, H, Sq) float32."""
+  b, sq, h, d = q.shape
+  skv = k.shape[1]
   bq, bkv = sizes.block_q_dkv, sizes.block_kv_dkv
   has_seg = q_seg is not None
-  kv_spec = pl.BlockSpec((None, None, bkv, d), lambda bi, hi, j: (bi, hi, j, 0))
-  q_spec = pl.BlockSpec((None, None, sq, d), lambda bi, hi, j: (bi, hi, 0, 0))
+  kv_spec = tile_math.head_tile(bkv, d, lambda bi, hi, j: (bi, j, hi))
+  q_spec = tile_math.head_tile(sq, d, lambda bi, hi, j: (bi, 0, hi))
   row_spec = pl.BlockSpec((None, None, sq), lambda bi, hi, j: (bi, hi, 0))
   in_specs = [kv_spec, kv_spec, q_spec, q_spec, row_spec, row_spec]
-  args = [k, v, q, do, lse, di]
+  args = [tile_math.tokens(k), tile_math.tokens(v), tile_math.tokens(q), tile_math.tokens(do), lse, di]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bkv), lambda bi, hi, j: (bi, j)),
                 pl.BlockSpec((None, sq), lambda bi, hi, j: (bi, 0))] + in_specs
     args = [kv_seg, q_seg] + args
   f32 = jnp.float32
-  return pl.pallas_call(
+  dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, scale=scale, block_q=bq, has_seg=has_seg),
       grid=(b, h, skv // bkv),
       in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, f32), jax.ShapeDtypeStruct(v.shape, f32)],
+      out_shape=[jax.ShapeDtypeStruct((b, skv, h * d), f32)] * 2,
       compiler_params=_params(sizes, d),
       interpret=interpret,
       name="flash_dkv_triton",
   )(*args)
+  return dk.reshape(k.shape), dv.reshape(v.shape)
 
 
 def _dq_kernel(*refs, scale, block_kv, has_seg):
@@ -136,27 +139,28 @@ def _dq_kernel(*refs, scale, block_kv, has_seg):
 
 
 def dq(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
-  """-> dq (B, H, Sq, D) float32. lse, di: (B, H, Sq) float32."""
-  b, h, sq, d = q.shape
-  skv = k.shape[2]
+  """-> dq (B, Sq, H, D) float32. lse, di: (B, H, Sq) float32."""
+  b, sq, h, d = q.shape
+  skv = k.shape[1]
   bq, bkv = sizes.block_q_dq, sizes.block_kv_dq
   has_seg = q_seg is not None
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, None, skv, d), lambda bi, hi, i: (bi, hi, 0, 0))
+  q_spec = tile_math.head_tile(bq, d, lambda bi, hi, i: (bi, i, hi))
+  kv_spec = tile_math.head_tile(skv, d, lambda bi, hi, i: (bi, 0, hi))
   row_spec = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
-  args = [q, k, v, do, lse, di]
+  args = [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v), tile_math.tokens(do), lse, di]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i)),
                 pl.BlockSpec((None, skv), lambda bi, hi, i: (bi, 0))] + in_specs
     args = [q_seg, kv_seg] + args
-  return pl.pallas_call(
+  dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, block_kv=bkv, has_seg=has_seg),
       grid=(b, h, sq // bq),
       in_specs=in_specs,
       out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, jnp.float32),
+      out_shape=jax.ShapeDtypeStruct((b, sq, h * d), jnp.float32),
       compiler_params=_params(sizes, d),
       interpret=interpret,
       name="flash_dq_triton",
   )(*args)
+  return dq.reshape(q.shape)

@@ -1,8 +1,11 @@
 """Mosaic TPU kernel bodies: forward, dK/dV and dQ over a grid with a reduction axis.
 
-Layout inside: q (B, H, Sq, D), k/v (B, H, Skv, D), sequences already padded to block multiples
-by the caller (kernels/flash.py). The reduction axis is the last grid axis ("arbitrary"); the
-running statistics and accumulators live in VMEM scratch across it. Segment ids arrive as
+Layout: the model's, q (B, Sq, H, D) and k/v (B, Skv, H, D), sequences already padded to block
+multiples and D to a multiple of 128 by the caller (kernels/flash.py). Each kernel views them as
+(B, S, H·D), free, and reads one head's (block, D) tile as the column block `head` of a row
+block, so no (B, H, S, D) transposes are needed around the kernels. The per-query statistics
+(lse, di) are heads-major, (B, H, Sq). The reduction axis is the last grid axis ("arbitrary");
+the running statistics and accumulators live in VMEM scratch across it. Segment ids arrive as
 q (B, Sq, 1) / kv (B, 1, Skv) for the forward and dQ kernels and transposed, kv (B, Skv, 1) /
 q (B, 1, Sq), for the dK/dV kernel, so each mask is a broadcast compare with no relayout.
 """
@@ -59,15 +62,15 @@ def _fwd_kernel(*refs, scale, block_kv_compute, has_seg):
 
 
 def fwd(q, k, v, q_seg, kv_seg, sizes, *, scale, out_dtype, interpret):
-  """-> out (B, H, Sq, D) out_dtype, lse (B, H, Sq) float32. Blocks must divide the lengths."""
-  b, h, sq, d = q.shape
-  skv = k.shape[2]
+  """-> out (B, Sq, H, D) out_dtype, lse (B, H, Sq) float32. Blocks must divide the lengths."""
+  b, sq, h, d = q.shape
+  skv = k.shape[1]
   bq, bkv, bkvc = sizes.block_q, sizes.block_kv, sizes.block_kv_compute
   has_seg = q_seg is not None
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bkv, d), lambda bi, hi, i, j: (bi, hi, j, 0))
+  q_spec = tile_math.head_tile(bq, d, lambda bi, hi, i, j: (bi, i, hi))
+  kv_spec = tile_math.head_tile(bkv, d, lambda bi, hi, i, j: (bi, j, hi))
   in_specs = [q_spec, kv_spec, kv_spec]
-  args = [q, k, v]
+  args = [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v)]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bq, 1), lambda bi, hi, i, j: (bi, i, 0)),
                 pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j: (bi, 0, j))] + in_specs
@@ -77,7 +80,7 @@ def fwd(q, k, v, q_seg, kv_seg, sizes, *, scale, out_dtype, interpret):
       grid=(b, h, sq // bq, skv // bkv),
       in_specs=in_specs,
       out_specs=[q_spec, pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i, j: (bi, hi, i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, h, sq, d), out_dtype),
+      out_shape=[jax.ShapeDtypeStruct((b, sq, h * d), out_dtype),
                  jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)],
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, d), jnp.float32)],
@@ -85,7 +88,7 @@ def fwd(q, k, v, q_seg, kv_seg, sizes, *, scale, out_dtype, interpret):
       interpret=interpret,
       name="flash_fwd",
   )(*args)
-  return out, lse[..., 0]
+  return out.reshape(q.shape), lse[..., 0]
 
 
 def _dkv_kernel(*refs, scale, block_kv_compute, has_seg):
@@ -140,18 +143,18 @@ def _dq_kernel(*refs, scale, has_seg):
 
 
 def dkv(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
-  """-> dk, dv (B, H, Skv, D) float32. lse, di: (B, H, Sq) float32."""
-  b, h, sq, d = q.shape
-  skv = k.shape[2]
+  """-> dk, dv (B, Skv, H, D) float32. lse, di: (B, H, Sq) float32."""
+  b, sq, h, d = q.shape
+  skv = k.shape[1]
   has_seg = q_seg is not None
   f32 = jnp.float32
   # dK/dV: grid (b, h, kv tile, q tile); per-query statistics as rows (1, bq).
   bq, bkv, bkvc = sizes.block_q_dkv, sizes.block_kv_dkv, sizes.block_kv_dkv_compute
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, j, i: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bkv, d), lambda bi, hi, j, i: (bi, hi, j, 0))
+  q_spec = tile_math.head_tile(bq, d, lambda bi, hi, j, i: (bi, i, hi))
+  kv_spec = tile_math.head_tile(bkv, d, lambda bi, hi, j, i: (bi, j, hi))
   row_spec = pl.BlockSpec((None, None, 1, bq), lambda bi, hi, j, i: (bi, hi, 0, i))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
-  args = [q, k, v, do, lse[:, :, None, :], di[:, :, None, :]]
+  args = [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v), tile_math.tokens(do), lse[:, :, None, :], di[:, :, None, :]]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bkv, 1), lambda bi, hi, j, i: (bi, j, 0)),
                 pl.BlockSpec((None, 1, bq), lambda bi, hi, j, i: (bi, 0, i))] + in_specs
@@ -161,40 +164,41 @@ def dkv(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
       grid=(b, h, skv // bkv, sq // bq),
       in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, f32), jax.ShapeDtypeStruct(v.shape, f32)],
+      out_shape=[jax.ShapeDtypeStruct((b, skv, h * d), f32)] * 2,
       scratch_shapes=[pltpu.VMEM((bkv, d), f32), pltpu.VMEM((bkv, d), f32)],
       compiler_params=_params(sizes),
       interpret=interpret,
       name="flash_dkv",
   )(*args)
-  return dk, dv
+  return dk.reshape(k.shape), dv.reshape(v.shape)
 
 
 def dq(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
-  """-> dq (B, H, Sq, D) float32. lse, di: (B, H, Sq) float32."""
-  b, h, sq, d = q.shape
-  skv = k.shape[2]
+  """-> dq (B, Sq, H, D) float32. lse, di: (B, H, Sq) float32."""
+  b, sq, h, d = q.shape
+  skv = k.shape[1]
   has_seg = q_seg is not None
   f32 = jnp.float32
   # dQ: grid (b, h, q tile, kv tile); per-query statistics as columns (bq, 1).
   bq, bkv = sizes.block_q_dq, sizes.block_kv_dq
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j: (bi, hi, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bkv, d), lambda bi, hi, i, j: (bi, hi, j, 0))
+  q_spec = tile_math.head_tile(bq, d, lambda bi, hi, i, j: (bi, i, hi))
+  kv_spec = tile_math.head_tile(bkv, d, lambda bi, hi, i, j: (bi, j, hi))
   col_spec = pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i, j: (bi, hi, i, 0))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, col_spec, col_spec]
-  args = [q, k, v, do, lse[..., None], di[..., None]]
+  args = [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v), tile_math.tokens(do), lse[..., None], di[..., None]]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bq, 1), lambda bi, hi, i, j: (bi, i, 0)),
                 pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j: (bi, 0, j))] + in_specs
     args = [q_seg[:, :, None], kv_seg[:, None, :]] + args
-  return pl.pallas_call(
+  dq = pl.pallas_call(
       functools.partial(_dq_kernel, scale=scale, has_seg=has_seg),
       grid=(b, h, sq // bq, skv // bkv),
       in_specs=in_specs,
       out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, f32),
+      out_shape=jax.ShapeDtypeStruct((b, sq, h * d), f32),
       scratch_shapes=[pltpu.VMEM((bq, d), f32)],
       compiler_params=_params(sizes),
       interpret=interpret,
       name="flash_dq",
   )(*args)
+  return dq.reshape(q.shape)

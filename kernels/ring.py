@@ -86,15 +86,10 @@ def ring_attention(q, k, v, *, axis_name, q_segment_ids=None, kv_segment_ids=Non
   check_inputs(q, k, v, q_segment_ids, kv_segment_ids)
   cfg = resolve(q.shape[-1], block_sizes=block_sizes, backend=backend, interpret=interpret,
                 target=target)
-  to_bhsd = lambda x: jnp.swapaxes(x, 1, 2)
   if strategy == "all_gather":
     gather = lambda x: jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
     kv_segment_ids = None if kv_segment_ids is None else gather(kv_segment_ids)
-    out = _flash(to_bhsd(q), to_bhsd(gather(k)), to_bhsd(gather(v)), q_segment_ids,
-                 kv_segment_ids, cfg)
-  elif strategy == "ring":
-    out = _ring(to_bhsd(q), to_bhsd(k), to_bhsd(v), q_segment_ids, kv_segment_ids, cfg,
-                axis_name)
-  else:
-    raise ValueError(f"strategy must be 'ring' or 'all_gather', got {strategy!r}")
-  return jnp.swapaxes(out, 1, 2)
+    return _flash(q, gather(k), gather(v), q_segment_ids, kv_segment_ids, cfg)
+  if strategy == "ring":
+    return _ring(q, k, v, q_segment_ids, kv_segment_ids, cfg, axis_name)
+  raise ValueError(f"strategy must be 'ring' or 'all_gather', got {strategy!r}")

@@ -1,4 +1,5 @@
-"""Per-tile attention math shared by the TPU and GPU kernel bodies and the ring merge.
+"""Per-tile attention math shared by the TPU and GPU kernel bodies and the ring merge, and the
+one layout both bodies read.
 
 All statistics are float32. Masked scores use a finite MASK_VALUE rather than -inf so that a
 fully masked row (padding, or a ring shard holding none of a query's keys) never produces
@@ -7,8 +8,22 @@ fully masked row (padding, or a ring shard holding none of a query's keys) never
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def tokens(x):
+  """(B, S, H, D) -> (B, S, H·D): a reshape of contiguous memory, no copy."""
+  b, s, h, d = x.shape
+  return x.reshape(b, s, h * d)
+
+
+def head_tile(rows, d, index):
+  """BlockSpec of one head's (rows, D) tile of a (B, S, H·D) array: the kernels read the
+  model's layout directly instead of a (B, H, S, D) transpose of it. index(*grid ids) gives
+  (batch, row block, head); D must be a multiple of 128 on TPU (a lane-aligned column block)."""
+  return pl.BlockSpec((None, rows, d), index)
 
 
 def scores(q, k, scale, mask):
@@ -82,9 +97,8 @@ def dq_step(q, k, v, do, lse_col, di_col, scale, mask):
 def merge(out_a, lse_a, out_b, lse_b):
   """Merges two normalised partials over disjoint key sets.
 
-  out: (..., S, D) float32; lse: (..., S) float32. Returns (out, lse) over the union.
+  out: (B, S, H, D) float32; lse: (B, H, S) float32. Returns (out, lse) over the union.
   """
   lse = jnp.logaddexp(lse_a, lse_b)
-  wa = jnp.exp(lse_a - lse)[..., None]
-  wb = jnp.exp(lse_b - lse)[..., None]
-  return out_a * wa + out_b * wb, lse
+  weight = lambda part: jnp.swapaxes(jnp.exp(part - lse), 1, 2)[..., None]
+  return out_a * weight(lse_a) + out_b * weight(lse_b), lse
