@@ -53,7 +53,8 @@ def fwd(q, k, v, q_seg, kv_seg, sizes, *, scale, out_dtype, interpret):
   has_seg = q_seg is not None
   q_spec = tile_math.head_tile(bq, d, lambda bi, hi, i: (bi, i, hi))
   kv_spec = tile_math.head_tile(skv, d, lambda bi, hi, i: (bi, 0, hi))
-  in_specs, args = [q_spec, kv_spec, kv_spec], [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v)]
+  in_specs = [q_spec, kv_spec, kv_spec]
+  args = list(map(tile_math.tokens, (q, k, v)))
   if has_seg:
     in_specs = [pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i)),
                 pl.BlockSpec((None, skv), lambda bi, hi, i: (bi, 0))] + in_specs
@@ -102,7 +103,7 @@ def dkv(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
   q_spec = tile_math.head_tile(sq, d, lambda bi, hi, j: (bi, 0, hi))
   row_spec = pl.BlockSpec((None, None, sq), lambda bi, hi, j: (bi, hi, 0))
   in_specs = [kv_spec, kv_spec, q_spec, q_spec, row_spec, row_spec]
-  args = [tile_math.tokens(k), tile_math.tokens(v), tile_math.tokens(q), tile_math.tokens(do), lse, di]
+  args = [*map(tile_math.tokens, (k, v, q, do)), lse, di]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bkv), lambda bi, hi, j: (bi, j)),
                 pl.BlockSpec((None, sq), lambda bi, hi, j: (bi, 0))] + in_specs
@@ -148,7 +149,7 @@ def dq(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
   kv_spec = tile_math.head_tile(skv, d, lambda bi, hi, i: (bi, 0, hi))
   row_spec = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, i))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
-  args = [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v), tile_math.tokens(do), lse, di]
+  args = [*map(tile_math.tokens, (q, k, v, do)), lse, di]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bq), lambda bi, hi, i: (bi, i)),
                 pl.BlockSpec((None, skv), lambda bi, hi, i: (bi, 0))] + in_specs

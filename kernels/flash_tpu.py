@@ -70,7 +70,7 @@ def fwd(q, k, v, q_seg, kv_seg, sizes, *, scale, out_dtype, interpret):
   q_spec = tile_math.head_tile(bq, d, lambda bi, hi, i, j: (bi, i, hi))
   kv_spec = tile_math.head_tile(bkv, d, lambda bi, hi, i, j: (bi, j, hi))
   in_specs = [q_spec, kv_spec, kv_spec]
-  args = [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v)]
+  args = list(map(tile_math.tokens, (q, k, v)))
   if has_seg:
     in_specs = [pl.BlockSpec((None, bq, 1), lambda bi, hi, i, j: (bi, i, 0)),
                 pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j: (bi, 0, j))] + in_specs
@@ -154,7 +154,7 @@ def dkv(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
   kv_spec = tile_math.head_tile(bkv, d, lambda bi, hi, j, i: (bi, j, hi))
   row_spec = pl.BlockSpec((None, None, 1, bq), lambda bi, hi, j, i: (bi, hi, 0, i))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
-  args = [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v), tile_math.tokens(do), lse[:, :, None, :], di[:, :, None, :]]
+  args = [*map(tile_math.tokens, (q, k, v, do)), lse[:, :, None, :], di[:, :, None, :]]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bkv, 1), lambda bi, hi, j, i: (bi, j, 0)),
                 pl.BlockSpec((None, 1, bq), lambda bi, hi, j, i: (bi, 0, i))] + in_specs
@@ -185,7 +185,7 @@ def dq(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
   kv_spec = tile_math.head_tile(bkv, d, lambda bi, hi, i, j: (bi, j, hi))
   col_spec = pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i, j: (bi, hi, i, 0))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, col_spec, col_spec]
-  args = [tile_math.tokens(q), tile_math.tokens(k), tile_math.tokens(v), tile_math.tokens(do), lse[..., None], di[..., None]]
+  args = [*map(tile_math.tokens, (q, k, v, do)), lse[..., None], di[..., None]]
   if has_seg:
     in_specs = [pl.BlockSpec((None, bq, 1), lambda bi, hi, i, j: (bi, i, 0)),
                 pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j: (bi, 0, j))] + in_specs
