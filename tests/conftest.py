@@ -7,6 +7,8 @@ import os
 import sys
 import tempfile
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests import xla_env  # noqa: E402  (no jax import)
 
@@ -35,3 +37,12 @@ def pytest_unconfigure(config):
   if not hasattr(config, "workerinput"):
     import shutil  # pylint: disable=import-outside-toplevel
     shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path, monkeypatch):
+  """Each test runs in its own directory, so a config's relative output_dir ("out") never lands in
+  the checkout or in another test's run directory (two xdist workers training the same tiny config
+  at once would otherwise share out/<run_name> and its run lock). Code under test reaches the repo
+  by absolute paths; subprocess tests pass cwd=ROOT."""
+  monkeypatch.chdir(tmp_path)
