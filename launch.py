@@ -99,11 +99,14 @@ def _initialize_distributed(c):
 
 
 def use_compilation_cache(path: str):
-  """Caches every compiled program under `path` ("" turns the cache off) for later processes."""
+  """Caches every compiled program under `path` for later processes ("": jax's own setting,
+  off unless JAX_COMPILATION_CACHE_DIR is set)."""
+  if not path:
+    return
   import jax
   from jax.experimental.compilation_cache import compilation_cache
-  jax.config.update("jax_compilation_cache_dir", path or None)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0 if path else 1.0)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   compilation_cache.reset_cache()  # the next compilation opens the cache at the new path
 
 

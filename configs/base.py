@@ -145,7 +145,8 @@ def get_config():
   c.num_processes = 0
   c.process_id = -1
   # Persistent XLA compilation cache (local path or bucket), shared by runs of the same program:
-  # a restart or a second run skips compilation. "" = off.
+  # a restart or a second run skips compilation. "" = jax's own setting (off, unless the
+  # environment sets JAX_COMPILATION_CACHE_DIR).
   c.jax_cache_dir = ""
 
   # Checkpointing.

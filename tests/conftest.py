@@ -1,11 +1,11 @@
 """Test setup: eight fake CPU devices for every test (set before jax is imported; compiled for
 speed of compilation, tests/xla_env.py), and one
-persistent compilation cache for the whole test session, shared by the xdist workers: the many
-tests that train the tiny models compile the same programs, and compile them once."""
+persistent compilation cache for the whole test session, shared by the xdist workers and the
+processes they start (tests/xla_env.py): the many tests that train the tiny models compile the
+same programs, and compile them once."""
 
 import os
 import sys
-import tempfile
 
 import pytest
 
@@ -18,11 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 GOLDEN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 
-# One directory per test session (xdist workers share their run's id; Bazel gives each target
-# its own TEST_TMPDIR). Subprocess tests pass their own --config.jax_cache_dir.
-SESSION_CACHE = os.path.join(
-    os.environ.get("TEST_TMPDIR") or tempfile.gettempdir(),
-    f"wan-tests-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
+SESSION_CACHE = xla_env.SESSION_CACHE  # subprocesses get it through xla_env.env
 
 
 def pytest_configure(config):

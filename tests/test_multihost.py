@@ -1,29 +1,60 @@
-"""Two local processes (2 CPU devices each) train as one 4-device job, like a 2-host cluster:
-jax.distributed, per-host weight loading and data, coordinated checkpoints; same losses as one
-4-device process."""
+"""Local processes as the hosts of one job (jax.distributed on CPU): two processes of 2 devices
+train as one 4-device job (per-host weight loading and data, coordinated checkpoints, a resume
+read by one replica and broadcast, a preemption notice to one host stopping both at one step;
+two processes preparing one cache: tests/test_prepare.py)."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
 
 import jax
+import numpy as np
 
 from configs import wan21_t2v
 from tests import xla_env
 from wan import plan, train, transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SETTINGS = dict(max_train_steps=3, global_batch_size=4, checkpoint_every=12, precision="HIGHEST")
-FLAGS = ["--config=configs/wan21_t2v.py:tiny"] + [f"--config.{k}={v}" for k, v in SETTINGS.items()]
+SETTINGS = dict(max_train_steps=3, global_batch_size=4, checkpoint_every=12, precision="HIGHEST",
+                warmup_steps_fraction=0.0)  # a constant rate: 3 steps are the first 3 of 4
 
 
-def _start(out, devices, *extra):
-  env = xla_env.env(devices)
-  return subprocess.Popen([sys.executable, "launch.py", *FLAGS, f"--config.output_dir={out}",
-                           *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+def _port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _one_thread(devices: int) -> dict:
+  """A host's environment: its matmuls on one thread, so that hosts sharing the 2 test cores
+  (and the other xdist worker) do not oversubscribe them."""
+  return dict(xla_env.env(devices), XLA_FLAGS=xla_env.flags(devices) + (
+      " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"))
+
+
+def _cluster(out, hosts, devices, *flags, config="configs/wan21_t2v.py:tiny"):
+  """`hosts` launch.py processes of `devices` CPU devices each, as one job."""
+  port = _port()
+  return [subprocess.Popen(
+      [sys.executable, "launch.py", f"--config={config}", f"--config.output_dir={out}",
+       f"--config.coordinator_address=localhost:{port}", f"--config.num_processes={hosts}",
+       f"--config.process_id={i}", *flags], cwd=ROOT, env=_one_thread(devices),
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(hosts)]
+
+
+def _finish(procs) -> list[str]:
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == 0, out[-3000:]
+  return outputs
+
+
+def _flags(**settings) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in settings.items()]
 
 
 def _losses(out):
@@ -31,37 +62,44 @@ def _losses(out):
     return [json.loads(line)["loss"] for line in f]
 
 
-def test_two_processes_match_one(tmp_path):
+def test_two_processes_match_one_resume_on_one_replica_and_stop_together_on_a_preemption(
+    tmp_path):
   """Both start from one saved checkpoint, which each process reads only its devices' parts of
-  (transformer.load with a mesh)."""
+  (transformer.load with a mesh), and take the losses of one 4-device process. The batch splits
+  over the hosts (dcn_data=-1), so each host's devices are one replica: the resume with
+  enable_single_replica_ckpt_restoring reads on host 0, broadcasts to host 1 and continues as
+  the uninterrupted run. Then SIGTERM to host 1 alone (as a TPU VM's maintenance event): jax's
+  preemption sync point makes both hosts stop after one step, save it and exit 0."""
   weights = str(tmp_path / "weights")
   model = plan.make(wan21_t2v.get_config("tiny"), jax.devices()[:1]).model
   transformer.save(weights, model, transformer.init(model, jax.random.key(5)))
   settings = dict(SETTINGS, transformer_pretrained_model_name_or_path=weights)
-  flags = [f"--config.{k}={v}" for k, v in settings.items()]
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
   multi = str(tmp_path / "multi")
-  procs = [_start(multi, 2, f"--config.coordinator_address=localhost:{port}",
-                  "--config.num_processes=2", f"--config.process_id={i}", *flags)
-           for i in range(2)]
-  # The same run in this process on 4 of its devices, while the two processes work.
+  procs = _cluster(multi, 2, 2, *_flags(**settings))
+  # The same run in this process on 4 of its devices, one step longer, while the two work.
   c = wan21_t2v.get_config("tiny")
-  c.update(dict(settings, output_dir=str(tmp_path / "single")))
+  c.update(dict(settings, max_train_steps=4, output_dir=str(tmp_path / "single")))
   want = train.train(plan.make(c, jax.devices()[:4]), jax.devices()[:4])
-  for p in procs:
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out[-3000:]
+  _finish(procs)
   got = _losses(multi)
   assert len(got) == 3
-  for a, b in zip(got, want):
-    assert abs(a - b) <= 1e-5 * abs(b), (got, want)
-  assert os.listdir(os.path.join(multi, "wan21_t2v_tiny", "checkpoints")) == ["3"]
-  # Both processes resume from the checkpoint; process 0 alone says so.
-  procs = [_start(multi, 2, f"--config.coordinator_address=localhost:{port + 1}",
-                  "--config.num_processes=2", f"--config.process_id={i}", *flags)
-           for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outputs
-  assert "".join(outputs).count("resumed from step 3") == 1, outputs
+  np.testing.assert_allclose(got, want[:3], rtol=1e-5)
+  checkpoints = os.path.join(multi, "wan21_t2v_tiny", "checkpoints")
+  assert os.listdir(checkpoints) == ["3"]
+  procs = _cluster(multi, 2, 2, *_flags(**dict(
+      settings, max_train_steps=10_000, checkpoint_every=100_000,
+      enable_single_replica_ckpt_restoring=True)))
+  head = []
+  for line in procs[0].stdout:  # host 0's progress lines, up to step 5 done
+    head.append(line)
+    if line.startswith("step 5/"):
+      break
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = _finish(procs)
+  outputs[0] = "".join(head) + outputs[0]
+  assert "".join(outputs).count("resumed from step 3") == 1, outputs  # host 0 alone says so
+  np.testing.assert_allclose(_losses(multi)[3], want[3], rtol=1e-5)
+  found = re.search(r"^a preemption notice: stopped after step (\d+), saved", outputs[0], re.M)
+  assert found, outputs
+  assert 5 <= int(found[1]) < 10_000
+  assert sorted(os.listdir(checkpoints), key=int) == ["3", found[1]]

@@ -9,8 +9,16 @@ feel. Users' runs keep XLA's defaults.
 """
 
 import os
+import tempfile
 
 FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+# One persistent compilation cache per test session, shared by the xdist workers and by every
+# process they start (Bazel gives each target its own TEST_TMPDIR): the many tests that train
+# or sample the tiny models, in process or through launch.py, compile the same programs once.
+SESSION_CACHE = os.path.join(
+    os.environ.get("TEST_TMPDIR") or tempfile.gettempdir(),
+    f"wan-tests-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
 
 
 def flags(devices: int) -> str:
@@ -19,5 +27,7 @@ def flags(devices: int) -> str:
 
 
 def env(devices: int, **extra) -> dict:
-  """os.environ for a subprocess with `devices` fake CPU devices (plus `extra` variables)."""
-  return dict(os.environ, XLA_FLAGS=flags(devices), **extra)
+  """os.environ for a subprocess with `devices` fake CPU devices and the session's compilation
+  cache (launch.py's jax_cache_dir="" leaves it on), plus `extra` variables."""
+  return dict(os.environ, XLA_FLAGS=flags(devices), JAX_COMPILATION_CACHE_DIR=SESSION_CACHE,
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
