@@ -7,50 +7,16 @@ import json
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 
 from configs import wan21_t2v
-from tests import xla_env
+from tests import hosts
 from wan import plan, train, transformer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = dict(max_train_steps=3, global_batch_size=4, checkpoint_every=12, precision="HIGHEST",
                 warmup_steps_fraction=0.0)  # a constant rate: 3 steps are the first 3 of 4
-
-
-def _port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
-
-
-def _one_thread(devices: int) -> dict:
-  """A host's environment: its matmuls on one thread, so that hosts sharing the 2 test cores
-  (and the other xdist worker) do not oversubscribe them."""
-  return dict(xla_env.env(devices), XLA_FLAGS=xla_env.flags(devices) + (
-      " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"))
-
-
-def _cluster(out, hosts, devices, *flags, config="configs/wan21_t2v.py:tiny"):
-  """`hosts` launch.py processes of `devices` CPU devices each, as one job."""
-  port = _port()
-  return [subprocess.Popen(
-      [sys.executable, "launch.py", f"--config={config}", f"--config.output_dir={out}",
-       f"--config.coordinator_address=localhost:{port}", f"--config.num_processes={hosts}",
-       f"--config.process_id={i}", *flags], cwd=ROOT, env=_one_thread(devices),
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(hosts)]
-
-
-def _finish(procs) -> list[str]:
-  outputs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
-  return outputs
 
 
 def _flags(**settings) -> list[str]:
@@ -75,18 +41,18 @@ def test_two_processes_match_one_resume_on_one_replica_and_stop_together_on_a_pr
   transformer.save(weights, model, transformer.init(model, jax.random.key(5)))
   settings = dict(SETTINGS, transformer_pretrained_model_name_or_path=weights)
   multi = str(tmp_path / "multi")
-  procs = _cluster(multi, 2, 2, *_flags(**settings))
+  procs = hosts.start(2, 2, f"--config.output_dir={multi}", *_flags(**settings))
   # The same run in this process on 4 of its devices, one step longer, while the two work.
   c = wan21_t2v.get_config("tiny")
   c.update(dict(settings, max_train_steps=4, output_dir=str(tmp_path / "single")))
   want = train.train(plan.make(c, jax.devices()[:4]), jax.devices()[:4])
-  _finish(procs)
+  hosts.finish(procs, 300)
   got = _losses(multi)
   assert len(got) == 3
   np.testing.assert_allclose(got, want[:3], rtol=1e-5)
   checkpoints = os.path.join(multi, "wan21_t2v_tiny", "checkpoints")
   assert os.listdir(checkpoints) == ["3"]
-  procs = _cluster(multi, 2, 2, *_flags(**dict(
+  procs = hosts.start(2, 2, f"--config.output_dir={multi}", *_flags(**dict(
       settings, max_train_steps=10_000, checkpoint_every=100_000,
       enable_single_replica_ckpt_restoring=True)))
   head = []
@@ -95,7 +61,7 @@ def test_two_processes_match_one_resume_on_one_replica_and_stop_together_on_a_pr
     if line.startswith("step 5/"):
       break
   procs[1].send_signal(signal.SIGTERM)
-  outputs = _finish(procs)
+  outputs = hosts.finish(procs, 300)
   outputs[0] = "".join(head) + outputs[0]
   assert "".join(outputs).count("resumed from step 3") == 1, outputs  # host 0 alone says so
   np.testing.assert_allclose(_losses(multi)[3], want[3], rtol=1e-5)

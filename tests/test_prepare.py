@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from configs import wan21_i2v, wan21_t2v, wan22_ti2v
-from tests import clip_fixtures, xla_env
+from tests import clip_fixtures, hosts, xla_env
 from wan import plan, train
 from wan.data import prepare, records
 from wan.errors import CheckpointError, ConfigError, MissingFile
@@ -302,20 +302,9 @@ def test_hf_dataset_streams_and_saves_its_cache(tmp_path):
 def test_two_processes_prepare_one_cache(clips, tmp_path):
   """Each of 2 processes encodes its share of the files; the merged cache holds the same samples
   as a one-process preparation."""
-  import socket  # pylint: disable=import-outside-toplevel
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = xla_env.env(1)
   multi = str(tmp_path / "multi")
-  procs = [subprocess.Popen(
-      [sys.executable, "launch.py", "--config=configs/wan21_t2v.py:tiny", "--config.job=prepare",
-       f"--config.train_data_dir={clips}", f"--config.tfrecords_dir={multi}",
-       "--config.enable_bucket=True", f"--config.coordinator_address=localhost:{port}",
-       "--config.num_processes=2", f"--config.process_id={i}"], cwd=ROOT, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outputs
+  hosts.finish(hosts.start(2, 1, "--config.job=prepare", f"--config.train_data_dir={clips}",
+                           f"--config.tfrecords_dir={multi}", "--config.enable_bucket=True"), 600)
   merged = records.read_manifest(multi)
   assert {s["file"].split("-")[1] for s in merged["shards"]} == {"p000", "p001"}
   single = str(tmp_path / "single")

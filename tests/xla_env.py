@@ -21,13 +21,17 @@ SESSION_CACHE = os.path.join(
     f"wan-tests-jax-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}")
 
 
-def flags(devices: int) -> str:
-  """XLA_FLAGS of a test process with `devices` fake CPU devices."""
-  return f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+def flags(devices: int, one_thread: bool = False) -> str:
+  """XLA_FLAGS of a test process with `devices` fake CPU devices (one_thread: its matmuls on
+  one thread, for the several processes of a multi-host test sharing the 2 test cores)."""
+  single = " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  return (f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}"
+          + (single if one_thread else ""))
 
 
-def env(devices: int, **extra) -> dict:
-  """os.environ for a subprocess with `devices` fake CPU devices and the session's compilation
-  cache (launch.py's jax_cache_dir="" leaves it on), plus `extra` variables."""
-  return dict(os.environ, XLA_FLAGS=flags(devices), JAX_COMPILATION_CACHE_DIR=SESSION_CACHE,
+def env(devices: int, one_thread: bool = False, **extra) -> dict:
+  """os.environ for a subprocess with `devices` fake CPU devices (`flags`) and the session's
+  compilation cache (launch.py's jax_cache_dir="" leaves it on), plus `extra` variables."""
+  return dict(os.environ, XLA_FLAGS=flags(devices, one_thread),
+              JAX_COMPILATION_CACHE_DIR=SESSION_CACHE,
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **extra)
