@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from wan import memory  # noqa: E402  (no jax import: libtpu's settings come first)
+
 FLAGS = flags.FLAGS
 
 
@@ -41,7 +43,7 @@ def define_flags():
                     "train: the train step; generate: one sampling step.")
   flags.DEFINE_integer("top", 8, "How many of the largest arrays to list.")
 
-GIB = 2**30
+GIB = memory.GIB
 
 # HBM per chip (GiB) of each tuning-table generation; a device is a chip or, where libtpu shows
 # each TensorCore as its own device (v4, 7x here), half of one.
@@ -93,37 +95,34 @@ def hbm_gib(devices) -> float:
 
 @dataclasses.dataclass
 class Report:
-  """Per-device memory of one compiled program (bytes), and what it is made of."""
+  """Per-device memory of one compiled program, and what it is made of."""
   topology: str
   devices: int
   device_kind: str
   mesh: dict
-  arguments: int
-  temporaries: int
-  outputs: int
-  aliased: int  # outputs that reuse an argument's buffer (the donated state)
-  code: int
-  hbm: float
+  need: memory.Need
+  hbm: float  # bytes
   largest: list  # (bytes per device, what)
   program: str = ""  # what was compiled
-  refused: str = ""  # the compiler's out-of-memory message, when it refused
-
-  @property
-  def total(self) -> int:
-    return self.arguments + self.temporaries + self.outputs - self.aliased + self.code
+  remat_policy: str = ""  # the train step's (AUTO resolved)
+  remat_needs: dict = dataclasses.field(default_factory=dict)  # AUTO: each policy tried
 
   @property
   def fits(self) -> bool:
-    return not self.refused and self.total <= self.hbm
+    return self.need.fits(self.hbm)
 
   def summary(self) -> dict:
+    n = self.need
+    extra = {"remat_policy": self.remat_policy} if self.remat_policy else {}
+    if self.remat_needs:
+      extra["remat_needs_gib"] = {p: round(m.total / GIB, 3) for p, m in self.remat_needs.items()}
     return {"topology": self.topology, "devices": self.devices, "device_kind": self.device_kind,
             "program": self.program, "mesh": self.mesh,
-            "per_device_gib": round(self.total / GIB, 3),
-            "arguments_gib": round(self.arguments / GIB, 3),
-            "temporaries_gib": round(self.temporaries / GIB, 3),
-            "outputs_gib": round(self.outputs / GIB, 3), "hbm_gib": round(self.hbm / GIB, 2),
-            "fits": self.fits, **({"refused": self.refused} if self.refused else {})}
+            "per_device_gib": round(n.total / GIB, 3),
+            "arguments_gib": round(n.arguments / GIB, 3),
+            "temporaries_gib": round(n.temporaries / GIB, 3),
+            "outputs_gib": round(n.outputs / GIB, 3), "hbm_gib": round(self.hbm / GIB, 2),
+            "fits": self.fits, **extra, **({"refused": n.refused} if n.refused else {})}
 
 
 def _shard_bytes(x) -> int:
@@ -165,36 +164,15 @@ def _largest_values(hlo_text: str, top: int) -> list:
                 reverse=True)[:top]
 
 
-def _report(name, devices, mesh, compiled, arguments_tree, top) -> Report:
-  m = compiled.memory_analysis()
-  largest = sorted(_largest_arguments(arguments_tree, top)
-                   + _largest_values(compiled.as_text(), top), reverse=True)[:top]
-  return Report(topology=name, devices=len(devices), device_kind=devices[0].device_kind,
-                mesh=dict(mesh.shape), arguments=m.argument_size_in_bytes,
-                temporaries=m.temp_size_in_bytes, outputs=m.output_size_in_bytes,
-                aliased=m.alias_size_in_bytes, code=m.generated_code_size_in_bytes,
-                hbm=hbm_gib(devices) * GIB, largest=largest)
-
-
-def _refused(name, devices, mesh, error: Exception) -> Report | None:
-  """A Report for a compile the TPU compiler refused for lack of memory (else None)."""
-  text = str(error)
-  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
-    return None
-  first = next((ln for ln in text.splitlines() if "memory" in ln.lower()), text.splitlines()[0])
-  temporaries = refused_temporaries(first)
-  return Report(topology=name, devices=len(devices), device_kind=devices[0].device_kind,
-                mesh=dict(mesh.shape), arguments=0, temporaries=temporaries, outputs=0,
-                aliased=0, code=0, hbm=hbm_gib(devices) * GIB, largest=[],
-                refused=first.strip()[:300])
-
-
-def refused_temporaries(message: str) -> int:
-  """The temporaries (bytes) named by libtpu's out-of-memory message ("... the total memory
-  required for HLO temporaries (247.73G) exceeds available HBM (95.74G)"); 0 if none."""
-  size = re.search(r"temporaries \(([\d.]+)([TGMK])\)", message)
-  units = {"T": 2**40, "G": GIB, "M": 2**20, "K": 2**10}
-  return int(float(size.group(1)) * units[size.group(2)]) if size else 0
+@dataclasses.dataclass
+class Program:
+  """One program to compile for the topology, and what it is."""
+  lowered: object  # jax.stages.Lowered
+  arguments: tuple  # its abstract arguments (with shardings)
+  mesh: object
+  what: str
+  plan: object  # the train Plan (remat_policy=AUTO resolved) or the Generation
+  compiled: object = None  # already compiled (remat_policy=AUTO compiled it while choosing)
 
 
 def plan_config(c):
@@ -206,46 +184,62 @@ def plan_config(c):
   return c
 
 
-def train_program(c, devices):
-  """(lowered train step, its arguments, mesh, a description, the plan) for config `c` on
-  `devices`."""
+def train_program(c, devices, memory_limit: float) -> Program:
+  """The train step of config `c` on `devices`; remat_policy=AUTO picks its policy for
+  `memory_limit` bytes per device."""
   import jax
   from wan import plan as plan_lib, train
   from wan.data import batch as batch_lib
   plan = plan_lib.make(c, plan_lib.Devices.of(devices))
-  run = train.setup(plan, devices)
-  state = train.abstract_state(run)
+  run = train.setup(plan, devices, memory_limit)
+  plan, state = run.plan, train.abstract_state(run)
   batch = batch_lib.abstract(plan, run.mesh)
   with jax.set_mesh(run.mesh):
     lowered = train.make_step(run).lower(state, batch)
-  what = (f"train step of {plan.family.name}" + (" (both experts)" if plan.expert == "both"
+  return Program(lowered, (state, batch), run.mesh, _describe(plan), plan, run.compiled_step)
+
+
+def _describe(plan) -> str:
+  return (f"train step of {plan.family.name}" + (" (both experts)" if plan.expert == "both"
                                                  else "")
           + (f" LoRA rank {plan.lora.rank}" if plan.lora else "")
           + f", global batch {plan.global_batch}, {plan.seq_len} tokens/sample, remat "
           f"{plan.options.remat_policy}, {plan.options.weights_dtype} weights")
-  return lowered, (state, batch), run.mesh, what, plan
 
 
 def measure(c, topology: str, job: str = "train", top: int = 8) -> Report:
   """Compiles config `c`'s `job` program for `topology` and returns its Report."""
+  from wan import plan as plan_lib, remat, sharding
   devices = topology_devices(topology)
   c = plan_config(c)
-  lowered, args, mesh, what, _ = (train_program if job == "train" else sample_program)(
-      c, devices)
+  hbm = hbm_gib(devices) * GIB
+  head = dict(topology=topology, devices=len(devices), device_kind=devices[0].device_kind,
+              hbm=hbm)
   try:
-    compiled = lowered.compile()
-  except Exception as e:  # the TPU compiler refuses what does not fit
-    report = _refused(topology, devices, mesh, e)
-    if report is None:
-      raise
-    return dataclasses.replace(report, program=what)
-  return dataclasses.replace(_report(topology, devices, mesh, compiled, args, top), program=what)
+    program = (train_program if job == "train" else sample_program)(c, devices, hbm)
+  except memory.DoesNotFit as e:  # remat_policy=AUTO: no policy fits; each one's need
+    plan = plan_lib.make(c, plan_lib.Devices.of(devices))
+    mesh = sharding.make_mesh(plan.ici, plan.dcn, devices)
+    last = remat.AUTO_LADDER[-1]
+    return Report(**head, mesh=dict(mesh.shape), need=e.needs[last], largest=[],
+                  program=_describe(plan), remat_policy="none fits", remat_needs=e.needs)
+  if program.compiled is not None:
+    compiled, need = program.compiled, memory.of_compiled(program.compiled)
+  else:  # a refusal for memory is a Need too
+    compiled, need = memory.compile_need(program.lowered)
+  largest = [] if compiled is None else sorted(
+      _largest_arguments(program.arguments, top) + _largest_values(compiled.as_text(), top),
+      reverse=True)[:top]
+  return Report(**head, mesh=dict(program.mesh.shape), need=need, largest=largest,
+                program=program.what,
+                remat_policy=program.plan.options.remat_policy if job == "train" else "")
 
 
-def sample_program(c, devices):
-  """(one lowered denoising step of job=generate, its arguments, mesh, a description, the
-  generation plan): the transformer's guided velocity (both guidance halves in one batch, as
-  wan.pipeline runs it) for one video."""
+def sample_program(c, devices, memory_limit=None) -> Program:
+  """One denoising step of job=generate: the transformer's guided velocity (both guidance
+  halves in one batch, as wan.pipeline runs it) for one video. `memory_limit` is unused:
+  sampling has no remat."""
+  del memory_limit
   import tempfile
   import jax
   import jax.numpy as jnp
@@ -289,21 +283,25 @@ def sample_program(c, devices):
           f"{tokens} tokens, {'both guidance halves in one batch' if guided else 'no guidance'}"
           f"), {gen.options.weights_dtype} weights; the text encoder, VAE and CLIP the job "
           f"also holds are not counted")
-  return lowered, args, mesh, what, gen
+  return Program(lowered, args, mesh, what, gen)
 
 
 def print_report(r: Report):
   mib = lambda b: f"{b / GIB:8.2f} GiB"
+  n = r.need
   print(f"program         {r.program}")
   print(f"topology        {r.topology}: {r.devices} x {r.device_kind}, mesh {r.mesh}")
-  if r.refused:
-    print(f"refused by the compiler: {r.refused}")
+  if r.remat_needs:
+    print("remat_policy=AUTO: none fits: " + ", ".join(
+        f"{p} {m.describe()}" for p, m in r.remat_needs.items()))
+  if n.refused:
+    print(f"refused by the compiler: {n.refused}")
   else:
-    print(f"arguments       {mib(r.arguments)}   (parameter and optimizer shards, inputs)")
-    print(f"temporaries     {mib(r.temporaries)}")
-    print(f"outputs         {mib(r.outputs)}   ({mib(r.aliased).strip()} of it in donated "
+    print(f"arguments       {mib(n.arguments)}   (parameter and optimizer shards, inputs)")
+    print(f"temporaries     {mib(n.temporaries)}")
+    print(f"outputs         {mib(n.outputs)}   ({mib(n.aliased).strip()} of it in donated "
           f"argument buffers)")
-    print(f"total           {mib(r.total)}   per device")
+    print(f"total           {mib(n.total)}   per device")
   print(f"HBM             {mib(r.hbm)}   per device")
   print(f"fits            {'yes' if r.fits else 'NO'}")
   if r.largest:

@@ -216,9 +216,10 @@ def main(argv):
   del argv
   capacity.require_libtpu("the HLO audit")
   devices = capacity.topology_devices(_TOPOLOGY.value)
-  lowered, _, _, what, plan = capacity.train_program(capacity.plan_config(_CONFIG.value),
-                                                     devices)
-  hlo = lowered.compile().as_text()
+  program = capacity.train_program(capacity.plan_config(_CONFIG.value), devices,
+                                   capacity.hbm_gib(devices) * capacity.GIB)
+  what, plan = program.what, program.plan
+  hlo = (program.compiled or program.lowered.compile()).as_text()
   if _HLO.value:
     with open(_HLO.value, "w") as f:
       f.write(hlo)

@@ -29,15 +29,17 @@ def main(argv):
 
   c = _CONFIG.value
   plan = plan_lib.make(c, plan_lib.Devices.of(jax.devices()))
-  run = train.setup(plan)
+  t0 = time.perf_counter()
+  run = train.setup(plan)  # remat_policy=AUTO compiles the step (each policy it tries) here
+  setup_s = time.perf_counter() - t0
+  plan = run.plan
   state = train.init_state(run)
   it = data.make(plan, run.mesh)
-  step = train.make_step(run)
   with jax.set_mesh(run.mesh):
     batch = next(it)
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    compiled = run.compiled_step or train.make_step(run).lower(state, batch).compile()
+    compile_s = setup_s if run.compiled_step else time.perf_counter() - t0
     for _ in range(_WARMUP.value):
       state, stats = compiled(state, batch)
     jax.block_until_ready(state)
@@ -48,7 +50,7 @@ def main(argv):
     step_s = (time.perf_counter() - t0) / _STEPS.value
 
   devices = run.mesh.devices.size
-  tflops = train.step_flops(plan) / step_s / devices / 1e12
+  tflops = metrics.step_flops(plan) / step_s / devices / 1e12
   peak = metrics.peak_tflops(jax.devices()[0])
   mem = [d.memory_stats() or {} for d in jax.local_devices()]
   peak_mem = max((m.get("peak_bytes_in_use", 0) for m in mem), default=0)
@@ -56,7 +58,9 @@ def main(argv):
   print(f"mesh             {dict(run.mesh.shape)}")
   print(f"model            {plan.weights or c.model_preset} ({plan.family.name})"
         f", {plan.seq_len} tokens/sample, global batch {plan.global_batch}")
-  print(f"compile          {compile_s:.1f} s")
+  print(f"remat            {plan.options.remat_policy}")
+  print(f"compile          {compile_s:.1f} s"
+        + (" (remat_policy=AUTO: every policy it tried)" if run.compiled_step else ""))
   print(f"step time        {step_s * 1e3:.1f} ms")
   print(f"tokens/s         {plan.seq_len * plan.global_batch / step_s:.1f}")
   print(f"TFLOP/s/device   {tflops:.3f}")

@@ -82,11 +82,12 @@ def get_config():
   c.caption_dropout = 0.0  # probability of an empty caption (for classifier-free guidance)
 
   # Gradient checkpointing (remat).
-  # NONE | FULL | MATMUL_WITHOUT_BATCH | OFFLOAD_MATMUL_WITHOUT_BATCH | CUSTOM. FULL is the one
-  # that fits every variant at 480p with one sample per device on v5p-8 (the README's capacity
-  # table: NONE fits none of them, MATMUL_WITHOUT_BATCH only the 1.3B and 5B models); the tiny
-  # CPU variants use NONE.
-  c.remat_policy = "FULL"
+  # AUTO | NONE | FULL | MATMUL_WITHOUT_BATCH | OFFLOAD_MATMUL_WITHOUT_BATCH | CUSTOM. AUTO
+  # compiles the train step under NONE, MATMUL_WITHOUT_BATCH and FULL (least recomputation
+  # first) and keeps the first that fits the devices' memory: what the README's capacity table
+  # measured is cheapest differs by model, resolution and slice (MATMUL_WITHOUT_BATCH for the
+  # 1.3B at 480p and the 5B on v5p-8, FULL for the 14B models, NONE for none of them).
+  c.remat_policy = "AUTO"
   c.names_which_can_be_saved = ()
   c.names_which_can_be_offloaded = ()
   c.dropout = 0.0

@@ -89,11 +89,13 @@ def test_the_planner_compiles_a_train_step_for_a_tpu_slice_and_reports_its_memor
   r = _planner("--config=configs/wan21_t2v.py:tiny", "--topology=v5p-8",
                "--config.attention=flash", "--config.flash_min_seq_length=0",
                "--config.weights_dtype=bfloat16", "--config.activations_dtype=bfloat16",
-               "--config.global_batch_size=4")
+               "--config.global_batch_size=4", "--config.remat_policy=AUTO")
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["topology"] == "v5p-8" and out["devices"] == 4 and out["hbm_gib"] == 95.0
   assert out["fits"] is True and 0 < out["per_device_gib"] < 1
+  assert out["remat_policy"] == "NONE"  # AUTO: the tiny step fits without recomputation
+  assert "remat_policy=AUTO: NONE, the step needs" in r.stdout
   assert out["mesh"]["fsdp"] == 4
   assert "largest arrays" in r.stdout
 
@@ -102,11 +104,15 @@ def test_the_planner_compiles_a_train_step_for_a_tpu_slice_and_reports_its_memor
 def test_the_planner_reports_a_run_that_does_not_fit():
   r = _planner("--config=configs/wan21_t2v.py:tiny", "--topology=v5e:2x2",
                "--config.height=1024", "--config.width=1024", "--config.num_frames=81",
-               "--config.global_batch_size=64", "--config.remat_policy=NONE")
+               "--config.global_batch_size=64", "--config.remat_policy=AUTO")
   assert r.returncode == 0, r.stderr[-3000:]
   out = json.loads(r.stdout.strip().splitlines()[-1])
   assert out["fits"] is False and out["hbm_gib"] == 16.0
   assert "fits            NO" in r.stdout
+  # AUTO found no policy that fits: each one's need, all over the 16 GiB
+  assert out["remat_policy"] == "none fits"
+  assert set(out["remat_needs_gib"]) == {"NONE", "MATMUL_WITHOUT_BATCH", "FULL"}
+  assert min(out["remat_needs_gib"].values()) > 16
 
 
 def test_the_planner_without_libtpu_says_how_to_install_it():

@@ -12,7 +12,7 @@ import pytest
 
 from configs import wan21_i2v, wan21_t2v, wan22_i2v, wan22_t2v, wan22_ti2v
 from tests.conftest import GOLDEN_DIR
-from wan import checkpoint, conditioning, data, plan, train, transformer
+from wan import checkpoint, conditioning, data, metrics, plan, train, transformer
 
 
 def _tiny(module=wan21_t2v, **overrides):
@@ -218,9 +218,9 @@ def test_next_step_is_dispatched_before_metrics_are_read(monkeypatch):
       return step_fn(state, batch)
     return dispatch
 
-  report = train._Reporter.__call__  # pylint: disable=protected-access
+  report = metrics.Reporter.__call__
   monkeypatch.setattr(train, "make_step", recording_make_step)
-  monkeypatch.setattr(train._Reporter, "__call__",  # pylint: disable=protected-access
+  monkeypatch.setattr(metrics.Reporter, "__call__",
                       lambda self, step, *rest: (events.append(("read", step)),
                                                  report(self, step, *rest)))
   losses = _train(_tiny(max_train_steps=5), jax.devices()[:1])

@@ -6,6 +6,7 @@ counts; remat recomputation not included) / step time / devices; MFU divides tha
 dense bf16 peak where it is known.
 """
 
+import collections
 import json
 import math
 import time
@@ -13,7 +14,8 @@ import time
 import jax
 import numpy as np
 
-from wan import fs, media
+from wan import flops, fs, media
+from wan.errors import TrainingStopped
 
 # Dense bfloat16 peak TFLOP/s per device (one chip for TPUs; jax.Device.device_kind prefixes).
 # Sources: Google Cloud TPU system-architecture pages (v4 275, v5e 197, v5p 459, v6e 918,
@@ -169,3 +171,103 @@ class Writer:
       self.flush()
       self._jsonl.close()
       self._tb.close()
+
+
+def log(message):
+  """A line on process 0's console."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+
+
+class Profiler:
+  """Traces steps [first + skip, first + skip + count) into {run_dir}/profile."""
+
+  def __init__(self, profile_steps, run_dir, first):
+    self._on = profile_steps is not None
+    skip, count = profile_steps or (0, 0)
+    self._start, self._stop = first + skip, first + skip + count
+    self._dir = fs.join(run_dir, "profile")
+    self._tracing = False
+
+  def before_step(self, step):
+    if self._on and step == self._start:
+      jax.profiler.start_trace(self._dir)
+      self._tracing = True
+    elif self._tracing and step == self._stop:
+      self.stop()
+
+  def stop(self):
+    if self._tracing:
+      jax.profiler.stop_trace()
+      self._tracing = False
+
+
+def step_flops(plan, latent_shape=None, clips=None) -> float:
+  """FLOPs of one train step as MaxDiffusion counts them: 3 x the forward's matmuls (remat
+  recomputation not counted), for batches of `latent_shape` (default the plan's largest; a
+  packed plan's: rows each one clip of the largest bucket). clips: the latent shapes (F, H, W)
+  of a packed batch's clips, each counted as it would run alone with a text_len caption (the
+  unpacked batch's work: padding is no work, and clips do not attend to each other)."""
+  per_token = plan.conditioning == "first_frame"
+  if clips is not None:
+    return 3 * sum(flops.flops(plan.model, n, f, h, w, plan.text_len, plan.image_len,
+                                     per_token_timestep=per_token)
+                   for (f, h, w), n in collections.Counter(map(tuple, clips)).items())
+  f, h, w, _ = latent_shape or plan.latent_shape
+  return 3 * flops.flops(plan.model, plan.global_batch, f, h, w, plan.text_len,
+                               plan.image_len, per_token_timestep=per_token)
+
+
+class Reporter:
+  """Reads a step's stats (after the next step is dispatched) and writes its metrics row."""
+
+  def __init__(self, plan, mesh, writer: Writer):
+    self._flops = {}  # by latent shape: buckets differ
+    self._devices = mesh.devices.size
+    self._peak = peak_tflops(mesh.devices.flat[0])
+    self._plan, self._writer = plan, writer
+    self._last = time.perf_counter()
+    self.losses = []
+    self.nonfinite = 0  # steps skipped for a non-finite loss, gradient or update
+    self._in_a_row = 0
+
+  def restart_clock(self):
+    self._last = time.perf_counter()
+
+  def __call__(self, step: int, stats, latent_shape):
+    """latent_shape: the unpacked batch's (F, H, W, C); None for a packed batch, whose clips
+    come in stats["segment_grid"]."""
+    stats = jax.device_get(stats)  # waits for the step to complete
+    now = time.perf_counter()
+    elapsed, self._last = now - self._last, now
+    grids = stats.pop("segment_grid", None)
+    finite = bool(stats.pop("finite"))
+    self.nonfinite += not finite
+    self._in_a_row = 0 if finite else self._in_a_row + 1
+    stats["nonfinite_steps"] = self.nonfinite
+    if "expert_high" in stats:  # expert=both: the loss under the name of the expert it trained
+      expert = "high_noise" if stats.pop("expert_high") else "low_noise"
+      stats[f"loss_{expert}"] = stats["loss"]
+    self.losses.append(float(stats["loss"]))
+    plan = self._plan
+    if (step + 1) % plan.outputs.log_every == 0 or step + 1 == plan.num_steps:
+      if grids is not None:  # token grids of the clips present -> latent shapes
+        clips = grids[grids[..., 0] > 0] * plan.model.patch_size
+        flops, samples = step_flops(plan, clips=clips), len(clips)
+      else:
+        if latent_shape not in self._flops:
+          self._flops[latent_shape] = step_flops(plan, latent_shape)
+        flops, samples = self._flops[latent_shape], plan.global_batch
+      tflops = flops / elapsed / self._devices / 1e12
+      self._writer.write(step + 1, {**stats, "step_time": elapsed, "tflops_per_device": tflops,
+                                    "mfu": tflops / self._peak if self._peak else None,
+                                    "samples_per_second": samples / elapsed})
+    if not finite:
+      log(f"step {step + 1}: non-finite loss {float(stats['loss']):g} or gradient norm "
+           f"{float(stats['grad_norm']):g}: the update was skipped ({self._in_a_row} in a row)")
+    if self._in_a_row >= plan.max_nonfinite_steps:
+      raise TrainingStopped(
+          f"{self._in_a_row} non-finite steps in a row up to step {step + 1} (max_nonfinite_steps="
+          f"{plan.max_nonfinite_steps}): every one was skipped, so the parameters and every "
+          "checkpoint are the last finite ones. Lower learning_rate (or check the data) and rerun "
+          "the same command: it resumes from the newest checkpoint")

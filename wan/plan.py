@@ -465,6 +465,9 @@ def _quantization(c, model) -> quant.Settings | None:
 
 
 def _options(c, model, devices: Devices) -> transformer.Options:
+  policy = c.remat_policy
+  if policy == "AUTO" and c.job != "train":  # remat only shapes a backward pass
+    policy = "NONE"
   try:
     return transformer.Options(
         weights_dtype=c.weights_dtype, activations_dtype=c.activations_dtype,
@@ -473,7 +476,7 @@ def _options(c, model, devices: Devices) -> transformer.Options:
         flash_block_sizes=tuple(sorted(c.flash_block_sizes.items())) or None,
         split_head_dim=c.split_head_dim, attention_sharding_uniform=c.attention_sharding_uniform,
         mask_padding_tokens=c.mask_padding_tokens, scan_layers=c.scan_layers,
-        remat_policy=c.remat_policy, names_which_can_be_saved=names(c.names_which_can_be_saved),
+        remat_policy=policy, names_which_can_be_saved=names(c.names_which_can_be_saved),
         names_which_can_be_offloaded=names(c.names_which_can_be_offloaded), dropout=c.dropout,
         quantization=_quantization(c, model), kernel_target=devices.kernel)
   except ValueError as e:

@@ -6,7 +6,12 @@ offloads exactly the named ones and recomputes the rest.
 
 import jax
 
-POLICIES = ("NONE", "FULL", "MATMUL_WITHOUT_BATCH", "OFFLOAD_MATMUL_WITHOUT_BATCH", "CUSTOM")
+POLICIES = ("NONE", "FULL", "MATMUL_WITHOUT_BATCH", "OFFLOAD_MATMUL_WITHOUT_BATCH", "CUSTOM",
+            "AUTO")
+# What AUTO tries, least recomputation first: train.setup keeps the first whose compiled step
+# fits the devices' memory (the README's capacity table: which one that is depends on the model,
+# the resolution and the slice).
+AUTO_LADDER = ("NONE", "MATMUL_WITHOUT_BATCH", "FULL")
 NAMES = ("attn_output", "query_proj", "key_proj", "value_proj", "xq_out", "xk_out",
          "ffn_activation")
 
@@ -36,6 +41,9 @@ def policy(name: str, saved=(), offloaded=()):
     return cp.save_and_offload_only_these_names(
         names_which_can_be_saved=list(saved), names_which_can_be_offloaded=list(offloaded),
         offload_src="device", offload_dst="pinned_host")
+  if name == "AUTO":
+    raise ValueError("remat_policy=AUTO names no policy of its own: train.setup replaces it "
+                     f"by the first of {list(AUTO_LADDER)} whose step fits the devices")
   raise ValueError(f"remat_policy={name!r} is not one of {list(POLICIES)}")
 
 

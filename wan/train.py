@@ -18,21 +18,20 @@ The loop never waits for the host between steps: step N+1 is dispatched before s
 are read, and step time is the time between completions.
 """
 
-import collections
 import contextlib
 import dataclasses
 import math
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from wan import (checkpoint, conditioning, data, evaluate, experts, flow, fs, guards, lora,
-                 metrics, numerics, optim, params as params_lib, quant, sharding, transformer)
+                 memory, metrics, numerics, optim, params as params_lib, quant, remat, sharding,
+                 transformer)
 from wan.data import batch as batch_lib
 from wan.data import packing
-from wan.errors import CheckpointError, ConfigError, TrainingStopped
+from wan.errors import CheckpointError, ConfigError
 from wan.numerics import DTYPES
 from wan.plan import Plan
 
@@ -50,6 +49,9 @@ class Run:
   mesh: jax.sharding.Mesh
   tx: optax.GradientTransformation | dict
   state_shardings: dict
+  # remat_policy=AUTO: the chosen train step, compiled (for the plan's batch shapes) while
+  # choosing; the loop runs it rather than compiling the same program again.
+  compiled_step: object = None
 
 
 def per_expert(plan: Plan, make):
@@ -73,8 +75,11 @@ def _optimizer(plan: Plan, expert: str):
   return optim.make(plan.optimizer)
 
 
-def setup(plan: Plan, devices=None) -> Run:
-  """The mesh of `plan` on `devices` (default: all) and the shardings of the train state."""
+def setup(plan: Plan, devices=None, memory_limit: float | None = None) -> Run:
+  """The mesh of `plan` on `devices` (default: all) and the shardings of the train state.
+
+  remat_policy=AUTO is resolved here: the Run's plan holds the policy chosen for `memory_limit`
+  bytes per device (default: what the devices have, `memory.device_limit`)."""
   devices = list(jax.devices() if devices is None else devices)
   mesh = sharding.make_mesh(plan.ici, plan.dcn, devices)
   decls = trained_declarations(plan)
@@ -94,7 +99,44 @@ def setup(plan: Plan, devices=None) -> Run:
     if q is not None:  # the frozen base stored quantized
       base_shardings = quant.shardings(base_shardings, _abstract_base(plan))
     state_shardings["base"] = per_expert(plan, lambda _: base_shardings)
-  return Run(plan, mesh, tx, state_shardings)
+  run = Run(plan, mesh, tx, state_shardings)
+  if plan.options.remat_policy == "AUTO":
+    run = _choose_remat(run, memory.device_limit(devices) if memory_limit is None
+                        else memory_limit)
+  return run
+
+
+def with_remat(run: Run, policy: str) -> Run:
+  """`run` with another remat policy (nothing else of a Run depends on it)."""
+  options = dataclasses.replace(run.plan.options, remat_policy=policy)
+  return dataclasses.replace(run, plan=dataclasses.replace(run.plan, options=options))
+
+
+def compile_step(run: Run) -> tuple:
+  """(`run`'s train step compiled for the plan's batch shapes, or None where the compiler
+  refused it for memory; its per-device memory.Need)."""
+  with jax.set_mesh(run.mesh):
+    lowered = make_step(run).lower(abstract_state(run), batch_lib.abstract(run.plan, run.mesh))
+  return memory.compile_need(lowered)
+
+
+def _choose_remat(run: Run, limit: float) -> Run:
+  """The first policy of remat.AUTO_LADDER (least recomputation first) whose compiled step
+  fits `limit` bytes per device."""
+  needs = {}
+  for policy in remat.AUTO_LADDER:
+    candidate = with_remat(run, policy)
+    compiled, needs[policy] = compile_step(candidate)
+    if needs[policy].fits(limit):
+      metrics.log(f"remat_policy=AUTO: {policy}, the step needs {needs[policy].describe()} of "
+           f"{limit / memory.GIB:.1f} GiB per device"
+           + "".join(f"; {p} needs {n.describe()}" for p, n in needs.items() if p != policy))
+      return dataclasses.replace(candidate, compiled_step=compiled)
+  raise memory.DoesNotFit(
+      f"remat_policy=AUTO: no policy fits {limit / memory.GIB:.1f} GiB per device ("
+      + ", ".join(f"{p} needs {n.describe()}" for p, n in needs.items())
+      + "); lower per_device_batch_size, the resolution or num_frames, shard over more devices "
+      "(ici_fsdp, ici_context), or train a LoRA", needs)
 
 
 def _abstract_base(plan: Plan):
@@ -351,6 +393,19 @@ def _loss_and_grads(plan: Plan, model, trained, batch, key, sigma_range):
   return loss / k, sigma, jax.tree.map(lambda g: g / k, grads)
 
 
+def _step_function(run: Run):
+  """make_step(run); AUTO's compiled step for the batches of the shapes it was compiled for."""
+  jitted = make_step(run)
+  if run.compiled_step is None:
+    return jitted
+  shapes = {k: v.shape for k, v in batch_lib.abstract(run.plan, run.mesh).items()}
+
+  def step(state, batch):
+    same = {k: v.shape for k, v in batch.items()} == shapes
+    return (run.compiled_step if same else jitted)(state, batch)
+  return step
+
+
 def _high_noise_step(key, plan: Plan):
   """expert=both: whether this step trains the high-noise expert, by one noise level drawn from
   the whole distribution (so each expert trains on its share of the steps)."""
@@ -427,106 +482,6 @@ def make_step(run: Run):
                  compiler_options=numerics.compiler_options(run.mesh.devices.flat[0].platform))
 
 
-class _Profiler:
-  """Traces steps [first + skip, first + skip + count) into {run_dir}/profile."""
-
-  def __init__(self, profile_steps, run_dir, first):
-    self._on = profile_steps is not None
-    skip, count = profile_steps or (0, 0)
-    self._start, self._stop = first + skip, first + skip + count
-    self._dir = fs.join(run_dir, "profile")
-    self._tracing = False
-
-  def before_step(self, step):
-    if self._on and step == self._start:
-      jax.profiler.start_trace(self._dir)
-      self._tracing = True
-    elif self._tracing and step == self._stop:
-      self.stop()
-
-  def stop(self):
-    if self._tracing:
-      jax.profiler.stop_trace()
-      self._tracing = False
-
-
-def _log(message):
-  if jax.process_index() == 0:
-    print(message, flush=True)
-
-
-def step_flops(plan: Plan, latent_shape=None, clips=None) -> float:
-  """FLOPs of one train step as MaxDiffusion counts them: 3 x the forward's matmuls (remat
-  recomputation not counted), for batches of `latent_shape` (default the plan's largest; a
-  packed plan's: rows each one clip of the largest bucket). clips: the latent shapes (F, H, W)
-  of a packed batch's clips, each counted as it would run alone with a text_len caption (the
-  unpacked batch's work: padding is no work, and clips do not attend to each other)."""
-  per_token = plan.conditioning == "first_frame"
-  if clips is not None:
-    return 3 * sum(transformer.flops(plan.model, n, f, h, w, plan.text_len, plan.image_len,
-                                     per_token_timestep=per_token)
-                   for (f, h, w), n in collections.Counter(map(tuple, clips)).items())
-  f, h, w, _ = latent_shape or plan.latent_shape
-  return 3 * transformer.flops(plan.model, plan.global_batch, f, h, w, plan.text_len,
-                               plan.image_len, per_token_timestep=per_token)
-
-
-class _Reporter:
-  """Reads a step's stats (after the next step is dispatched) and writes its metrics row."""
-
-  def __init__(self, run: Run, writer: metrics.Writer):
-    plan = run.plan
-    self._flops = {}  # by latent shape: buckets differ
-    self._devices = run.mesh.devices.size
-    self._peak = metrics.peak_tflops(run.mesh.devices.flat[0])
-    self._plan, self._writer = plan, writer
-    self._last = time.perf_counter()
-    self.losses = []
-    self.nonfinite = 0  # steps skipped for a non-finite loss, gradient or update
-    self._in_a_row = 0
-
-  def restart_clock(self):
-    self._last = time.perf_counter()
-
-  def __call__(self, step: int, stats, latent_shape):
-    """latent_shape: the unpacked batch's (F, H, W, C); None for a packed batch, whose clips
-    come in stats["segment_grid"]."""
-    stats = jax.device_get(stats)  # waits for the step to complete
-    now = time.perf_counter()
-    elapsed, self._last = now - self._last, now
-    grids = stats.pop("segment_grid", None)
-    finite = bool(stats.pop("finite"))
-    self.nonfinite += not finite
-    self._in_a_row = 0 if finite else self._in_a_row + 1
-    stats["nonfinite_steps"] = self.nonfinite
-    if "expert_high" in stats:  # expert=both: the loss under the name of the expert it trained
-      expert = "high_noise" if stats.pop("expert_high") else "low_noise"
-      stats[f"loss_{expert}"] = stats["loss"]
-    self.losses.append(float(stats["loss"]))
-    plan = self._plan
-    if (step + 1) % plan.outputs.log_every == 0 or step + 1 == plan.num_steps:
-      if grids is not None:  # token grids of the clips present -> latent shapes
-        clips = grids[grids[..., 0] > 0] * plan.model.patch_size
-        flops, samples = step_flops(plan, clips=clips), len(clips)
-      else:
-        if latent_shape not in self._flops:
-          self._flops[latent_shape] = step_flops(plan, latent_shape)
-        flops, samples = self._flops[latent_shape], plan.global_batch
-      tflops = flops / elapsed / self._devices / 1e12
-      self._writer.write(step + 1, {**stats, "step_time": elapsed, "tflops_per_device": tflops,
-                                    "mfu": tflops / self._peak if self._peak else None,
-                                    "samples_per_second": samples / elapsed})
-    if not finite:
-      _log(f"step {step + 1}: non-finite loss {float(stats['loss']):g} or gradient norm "
-           f"{float(stats['grad_norm']):g}: the update was skipped ({self._in_a_row} in a row)")
-    if self._in_a_row >= plan.max_nonfinite_steps:
-      raise TrainingStopped(
-          f"{self._in_a_row} non-finite steps in a row up to step {step + 1} (max_nonfinite_steps="
-          f"{plan.max_nonfinite_steps}): every one was skipped, so the parameters and every "
-          "checkpoint are the last finite ones. Lower learning_rate (or check the data) and rerun "
-          "the same command: it resumes from the newest checkpoint")
-
-
 def _make_output_dirs(out):
   """Creates the run's directories before any model is built: a path that cannot be written
   costs seconds, not a model load."""
@@ -570,8 +525,8 @@ def train(plan: Plan, devices=None) -> list[float]:
 
 
 def _train(plan: Plan, devices, stops: guards.StopRequests) -> list[float]:
-  out = plan.outputs
   run = setup(plan, devices)
+  plan, out = run.plan, plan.outputs  # remat_policy=AUTO resolved
   it = data.make(plan, run.mesh)
   ckpt, found = None, None
   if out.checkpoint_every > 0:
@@ -581,21 +536,21 @@ def _train(plan: Plan, devices, stops: guards.StopRequests) -> list[float]:
     like = abstract_state(run)     # pretrained weights are not read
     if plan.lora:
       like["base"] = frozen_base(run)
-    found = ckpt.restore_newest(like, log=_log)
+    found = ckpt.restore_newest(like, log=metrics.log)
   first = found[0] if found else 0
   if found:
     _, state, data_state = found
     if not out.save_optimizer:
       state["opt_state"] = _init_optimizer(run, state["params"])
     it.restore(data_state)
-    _log(f"resumed from step {first}")
+    metrics.log(f"resumed from step {first}")
   else:
     state = init_state(run)
-  step_fn = make_step(run)
+  step_fn = _step_function(run)
   writer = metrics.Writer(out.run_dir, plan.num_steps, out.write_metrics, out.flush_every,
                           first_step=first)
-  report = _Reporter(run, writer)
-  profiler = _Profiler(out.profile_steps, out.run_dir, first)
+  report = metrics.Reporter(plan, run.mesh, writer)
+  profiler = metrics.Profiler(out.profile_steps, out.run_dir, first)
   evaluator = (evaluate.Evaluator(plan, run.mesh, writer, sample_losses)
                if plan.evaluation else None)
   b = plan.global_batch
@@ -626,7 +581,7 @@ def _train(plan: Plan, devices, stops: guards.StopRequests) -> list[float]:
         if plan.lora and (due or (ckpt is None and (done == plan.num_steps or stopping))):
           save_lora(run, state, done)
         if stopping:
-          _log(f"{stops.reason}: stopped after step {done}" + (
+          metrics.log(f"{stops.reason}: stopped after step {done}" + (
               f", saved in {out.checkpoint_dir}; rerun the same command to resume" if ckpt
               else " (checkpoint_every=-1: nothing to resume from)"))
           break
