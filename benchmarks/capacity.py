@@ -209,7 +209,7 @@ def _describe(plan) -> str:
 
 def measure(c, topology: str, job: str = "train", top: int = 8) -> Report:
   """Compiles config `c`'s `job` program for `topology` and returns its Report."""
-  from wan import plan as plan_lib, remat, sharding
+  from wan import plan as plan_lib, sharding
   devices = topology_devices(topology)
   c = plan_config(c)
   hbm = hbm_gib(devices) * GIB
@@ -220,7 +220,7 @@ def measure(c, topology: str, job: str = "train", top: int = 8) -> Report:
   except memory.DoesNotFit as e:  # remat_policy=AUTO: no policy fits; each one's need
     plan = plan_lib.make(c, plan_lib.Devices.of(devices))
     mesh = sharding.make_mesh(plan.ici, plan.dcn, devices)
-    last = remat.AUTO_LADDER[-1]
+    last = list(e.needs)[-1]  # FULL: the least it can need
     return Report(**head, mesh=dict(mesh.shape), need=e.needs[last], largest=[],
                   program=_describe(plan), remat_policy="none fits", remat_needs=e.needs)
   if program.compiled is not None:

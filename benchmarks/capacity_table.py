@@ -7,8 +7,9 @@ run of benchmarks/capacity.py (needs libtpu; no TPU).
 Results are appended to --results as they come (one JSON line per cell), so an interrupted
 sweep continues where it stopped. Per-device batch 1 (global batch = the slice's devices), 81
 frames, bf16, flash attention with the slice's tuning. It prints the markdown table: GiB per
-device and whether it fits for each policy, and the cheapest policy that fits (the one that
-recomputes least: NONE, then MATMUL_WITHOUT_BATCH, then FULL).
+device and whether it fits for each policy, and the cheapest policy that fits: what
+remat_policy=AUTO picks (wan.remat.auto_ladder with flash attention: NONE, then CUSTOM saving
+the flash kernels' residuals, then FULL). MATMUL_WITHOUT_BATCH is measured beside them.
 """
 
 import json
@@ -38,7 +39,17 @@ VARIANTS = {
 # (height, width) per resolution; TI2V 5B's 720p is its native 704 x 1280 (32-pixel multiples).
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}
 TI2V_720P = (704, 1280)
-POLICIES = ("NONE", "MATMUL_WITHOUT_BATCH", "FULL")  # least recomputation first
+# Column label -> remat flags. AUTO's ladder (least recomputation first) is NONE, FLASH, FULL;
+# MATMUL_WITHOUT_BATCH recomputes the attention kernels and needs more memory than FLASH.
+POLICIES = {
+    "NONE": ("--config.remat_policy=NONE",),
+    "MATMUL": ("--config.remat_policy=MATMUL_WITHOUT_BATCH",),
+    "FLASH": ("--config.remat_policy=CUSTOM", "--config.names_which_can_be_saved=flash_residuals"),
+    "FULL": ("--config.remat_policy=FULL",),
+}
+LADDER = ("NONE", "FLASH", "FULL")
+# Cell keys keep the policy names they were measured under.
+_KEY_NAMES = {"MATMUL": "MATMUL_WITHOUT_BATCH", "FLASH": "CUSTOM flash_residuals"}
 
 
 def _size(variant, resolution):
@@ -48,7 +59,7 @@ def _size(variant, resolution):
 
 
 def _key(variant, resolution, policy, slice_name):
-  return f"{variant} | {resolution} | {policy} | {slice_name}"
+  return f"{variant} | {resolution} | {_KEY_NAMES.get(policy, policy)} | {slice_name}"
 
 
 def _measure(variant, resolution, policy, slice_name) -> dict:
@@ -56,8 +67,8 @@ def _measure(variant, resolution, policy, slice_name) -> dict:
   height, width = _size(variant, resolution)
   cmd = [sys.executable, os.path.join(ROOT, "benchmarks/capacity.py"), f"--config={config}",
          f"--topology={slice_name}", f"--config.height={height}", f"--config.width={width}",
-         "--config.num_frames=81", "--config.per_device_batch_size=1",
-         f"--config.remat_policy={policy}", "--top=0", *extra]
+         "--config.num_frames=81", "--config.per_device_batch_size=1", *POLICIES[policy],
+         "--top=0", *extra]
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
   lines = r.stdout.strip().splitlines()
   if r.returncode or not lines:
@@ -88,18 +99,19 @@ def _cell(result) -> str:
 
 def table(done: dict, slices) -> str:
   """The markdown table of the measured cells."""
-  head = ["variant", "res"] + [f"{s}: cheapest that fits" for s in slices] + [
-      f"{s}: GiB NONE / MATMUL / FULL" for s in slices]
+  head = ["variant", "res"] + [f"{s}: AUTO picks" for s in slices] + [
+      f"{s}: GiB {' / '.join(POLICIES)}" for s in slices]
   rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for variant in VARIANTS:
     for resolution in RESOLUTIONS:
       cheapest, sizes = [], []
       for s in slices:
-        results = [done.get(_key(variant, resolution, p, s)) for p in POLICIES]
-        fitting = [p for p, r in zip(POLICIES, results) if r and r.get("fits")]
-        full = results[POLICIES.index("FULL")]
-        cheapest.append(fitting[0] if fitting else "none fits" if full else "–")
-        sizes.append(" / ".join(_cell(r) for r in results))
+        results = {p: done.get(_key(variant, resolution, p, s)) for p in POLICIES}
+        fitting = [p for p in LADDER if results[p] and results[p].get("fits")]
+        unknown = any(results[p] is None for p in LADDER[:LADDER.index(fitting[0])]) if (
+            fitting) else results["FULL"] is None
+        cheapest.append("–" if unknown else fitting[0] if fitting else "none fits")
+        sizes.append(" / ".join(_cell(r) for r in results.values()))
       rows.append(f"| {variant} | {resolution} | " + " | ".join(cheapest + sizes) + " |")
   return "\n".join(rows)
 
@@ -122,8 +134,8 @@ def main(argv):
 
 def _next(done, variant, resolution, slice_name):
   """The next policy to compile (None: done), FULL first: memory grows as recomputation
-  shrinks, so when FULL does not fit nothing else is compiled, and when NONE fits the middle
-  one is not."""
+  shrinks, so when FULL does not fit nothing else is compiled, and when NONE fits nothing
+  between them is."""
   get = lambda p: done.get(_key(variant, resolution, p, slice_name))
   if get("FULL") is None:
     return "FULL"
@@ -131,9 +143,9 @@ def _next(done, variant, resolution, slice_name):
     return None
   if get("NONE") is None:
     return "NONE"
-  if get("NONE").get("fits") or get("MATMUL_WITHOUT_BATCH") is not None:
+  if get("NONE").get("fits"):
     return None
-  return "MATMUL_WITHOUT_BATCH"
+  return next((p for p in ("FLASH", "MATMUL") if get(p) is None), None)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ once forward and once more for the backward's recomputation (FULL and the polici
 not save them; NONE keeps them), and their gradient reduce-scattered once: per device
 W x (n-1)/n received per gather and per reduce-scatter, n the fsdp x data size the weights are
 split over. `--json` writes the table.
+
+It also counts the Pallas flash kernel calls per region: a `kernel flash_fwd` row in the
+backward layer scan is the forward kernel run again for the recomputation (FULL,
+MATMUL_WITHOUT_BATCH), which saving `flash_residuals` spares.
 """
 
 import collections
@@ -54,6 +58,8 @@ _ARRAY = re.compile(r"(\w+)\[([\d,]*)\]")
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
 _INSTR = re.compile(r"^\s+(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+# A Pallas attention kernel call, by the name jax gives its pallas_call (kernels/flash.py).
+_KERNEL = re.compile(r'op_name="[^"]*/(flash_(?:fwd|dkv|dq))\b')
 _BRANCHES = re.compile(r"(?:branch_computations|called_computations)=\{([^}]*)\}")
 
 
@@ -135,7 +141,8 @@ def _label(op_name: str) -> str:
 def audit(hlo: str, devices: int, layers: int) -> dict:
   """{region: {kind: [count, bytes received per device (collectives) or moved (copies)]}} per
   run of the region, and each region's trip count (the layer scans': `layers` where the
-  compiled loop does not say)."""
+  compiled loop does not say). Kinds: the collectives, copy/transpose, and the flash kernel
+  calls ("kernel flash_fwd", "kernel flash_dkv", "kernel flash_dq"; count only)."""
   comps, parents, whiles = parse(hlo)
   table = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
   trips = {"rest of the step": 1}
@@ -158,6 +165,9 @@ def audit(hlo: str, devices: int, layers: int) -> dict:
         cell = table[region][base]
         cell[0] += 1
         cell[1] += received(base, shape, rest, devices)
+      elif opcode == "custom-call" and (kernel := _KERNEL.search(rest)):
+        table[region][f"kernel {kernel.group(1)}"][0] += 1  # a forward kernel in the
+        # backward scan is a recomputation (saving flash_residuals spares it)
       elif not fused and (opcode in MOVES or (opcode == "fusion" and any(
           m in name for m in MOVES))):
         cell = table[region]["copy/transpose"]

@@ -83,10 +83,10 @@ def get_config():
 
   # Gradient checkpointing (remat).
   # AUTO | NONE | FULL | MATMUL_WITHOUT_BATCH | OFFLOAD_MATMUL_WITHOUT_BATCH | CUSTOM. AUTO
-  # compiles the train step under NONE, MATMUL_WITHOUT_BATCH and FULL (least recomputation
-  # first) and keeps the first that fits the devices' memory: what the README's capacity table
-  # measured is cheapest differs by model, resolution and slice (MATMUL_WITHOUT_BATCH for the
-  # 1.3B at 480p and the 5B on v5p-8, FULL for the 14B models, NONE for none of them).
+  # compiles the train step under NONE, CUSTOM saving flash_residuals (the flash kernels'
+  # output and lse: the backward runs no forward kernel again) and FULL, least recomputation
+  # first, and keeps the first that fits the devices' memory; which one that is differs by
+  # model, resolution and slice (the README's capacity table; NONE fits none of them).
   c.remat_policy = "AUTO"
   c.names_which_can_be_saved = ()
   c.names_which_can_be_offloaded = ()

@@ -15,10 +15,10 @@ also the CPU interpret-mode default) and Triton GPU (kernels/flash_gpu.py).
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from kernels import flash_gpu, flash_tpu, tuning
 from kernels.tuning import BlockSizes, block_sizes_for, device_key
@@ -28,6 +28,11 @@ _Q_PAD_ID = jnp.iinfo(jnp.int32).min + 1
 _KV_PAD_ID = jnp.iinfo(jnp.int32).min
 
 _BODIES = {"tpu": flash_tpu, "gpu": flash_gpu}
+
+# The checkpoint name of what the backward needs from the forward kernel (out, lse; the flash
+# and the ring kernels): a remat policy that saves it never runs a forward kernel again, where
+# saving the attention's output alone still does (the lse comes from the same call).
+RESIDUALS = "flash_residuals"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +184,7 @@ def _flash(q, k, v, q_seg, kv_seg, cfg):
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, cfg):
   out, lse = block_fwd(q, k, v, q_seg, kv_seg, cfg)
+  out, lse = checkpoint_name(out, RESIDUALS), checkpoint_name(lse, RESIDUALS)
   return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 

@@ -18,9 +18,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from kernels import tile_math
-from kernels.flash import KernelConfig, _flash, block_bwd, block_fwd, check_inputs, resolve
+from kernels.flash import RESIDUALS, _flash, block_bwd, block_fwd, check_inputs, resolve
 
 
 def _ring_perm(n):
@@ -50,7 +51,10 @@ def _ring(q, k, v, q_seg, kv_seg, cfg, axis_name):
 
 def _ring_fwd(q, k, v, q_seg, kv_seg, cfg, axis_name):
   out, lse = _ring_fwd_pass(q, k, v, q_seg, kv_seg, cfg, axis_name)
-  return out.astype(q.dtype), (q, k, v, q_seg, kv_seg, out, lse)
+  # The output in q's dtype is also the residual (as the flash kernel's): no float32 copy.
+  out = checkpoint_name(out.astype(q.dtype), RESIDUALS)
+  lse = checkpoint_name(lse, RESIDUALS)
+  return out, (q, k, v, q_seg, kv_seg, out, lse)
 
 
 def _ring_bwd(cfg, axis_name, res, do):

@@ -132,3 +132,24 @@ def test_the_planner_compiles_a_sampling_step():
   assert out["devices"] == 8 and out["hbm_gib"] == 32.0 and out["fits"] is True
   assert out["program"].startswith("one sampling step of wan2.1-i2v")
   assert "both guidance halves in one batch" in out["program"]
+
+
+@needs_libtpu
+def test_saved_flash_residuals_leave_no_forward_kernel_in_the_tpu_backward():
+  """The HLO audit of the TPU step: FULL runs each layer's two forward kernels (self- and
+  cross-attention) again in the backward scan; saving flash_residuals runs none."""
+  from benchmarks import hlo_audit
+  from configs import wan21_t2v
+  devices = capacity.topology_devices("v5p-8")
+
+  def backward_kernels(**remat):
+    c = wan21_t2v.get_config("tiny")
+    c.update(attention="flash", flash_min_seq_length=0, global_batch_size=4, **remat)
+    program = capacity.train_program(capacity.plan_config(c), devices, 95 * capacity.GIB)
+    regions = hlo_audit.audit(program.lowered.compile().as_text(), 4, 2)["regions"]
+    return {k: v[0] for k, v in regions["backward layer scan"].items() if k.startswith("kernel")}
+
+  assert backward_kernels(remat_policy="FULL") == {
+      "kernel flash_fwd": 2, "kernel flash_dkv": 2, "kernel flash_dq": 2}
+  assert backward_kernels(remat_policy="CUSTOM", names_which_can_be_saved=("flash_residuals",)) \
+      == {"kernel flash_dkv": 2, "kernel flash_dq": 2}

@@ -54,6 +54,8 @@ def test_tiny_plans_derive_latent_shapes_and_batches():
     (dict(precision="LOW"), "precision='LOW'"),
     (dict(model_preset="huge"), "model_preset='huge' is not one of"),
     (dict(remat_policy="CUSTOM", names_which_can_be_saved=("qkv",)), "unknown checkpoint names"),
+    (dict(remat_policy="CUSTOM", names_which_can_be_saved=("flash_residuals",),
+          attention="dot_product"), "attention=dot_product has none"),
     (dict(model_type="I2V"), "model_type=I2V needs an image-to-video model"),
     (dict(max_train_steps=0), "set max_train_steps"),
     (dict(mesh_axes=("fsdp", "data", "context", "tensor")), "mesh_axes must be"),

@@ -339,10 +339,14 @@ def check(c):
       _fail(f"{field}={value!r} has no effect unless {switch}; leave it at {_plain(off)!r}")
   if names(c.mesh_axes) != sharding.MESH_AXES:
     _fail(f"mesh_axes must be {','.join(sharding.MESH_AXES)}; got {','.join(names(c.mesh_axes))}")
+  remat_names = names(c.names_which_can_be_saved) + names(c.names_which_can_be_offloaded)
   try:
-    remat.check_names(names(c.names_which_can_be_saved) + names(c.names_which_can_be_offloaded))
+    remat.check_names(remat_names)
   except ValueError as e:
     _fail(str(e))
+  if kernels.RESIDUALS in remat_names and c.attention not in ("flash", "ring"):
+    _fail(f"{kernels.RESIDUALS} names the flash and ring kernels' residuals; attention="
+          f"{c.attention} has none: use attention=flash or ring, or save attn_output")
   _check_ranges(c)
 
 

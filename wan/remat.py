@@ -6,14 +6,32 @@ offloads exactly the named ones and recomputes the rest.
 
 import jax
 
+import kernels
+
 POLICIES = ("NONE", "FULL", "MATMUL_WITHOUT_BATCH", "OFFLOAD_MATMUL_WITHOUT_BATCH", "CUSTOM",
             "AUTO")
-# What AUTO tries, least recomputation first: train.setup keeps the first whose compiled step
-# fits the devices' memory (the README's capacity table: which one that is depends on the model,
-# the resolution and the slice).
-AUTO_LADDER = ("NONE", "MATMUL_WITHOUT_BATCH", "FULL")
+# flash_residuals: the flash / ring kernels' output and log-sum-exp, all their backward needs
+# from their forward (kernels.RESIDUALS).
 NAMES = ("attn_output", "query_proj", "key_proj", "value_proj", "xq_out", "xk_out",
-         "ffn_activation")
+         "ffn_activation", kernels.RESIDUALS)
+
+
+def auto_ladder(attention: str) -> tuple:
+  """What AUTO tries, least recomputation first, as (policy, names saved): train.setup keeps the
+  first whose compiled step fits the devices' memory.
+
+  With the Pallas kernels the middle rung saves their residuals: one (S, D) activation per
+  layer spares the backward a second forward kernel, the step's largest recomputation at Wan's
+  sequence lengths (4 S^2 D attention FLOPs against the projections' and FFN's 2 S D (4 D + 2 F)
+  in each layer), and needs less memory than MATMUL_WITHOUT_BATCH, which saves every projection
+  and FFN output but still runs the kernel again."""
+  middle = (("CUSTOM", (kernels.RESIDUALS,)) if attention in ("flash", "ring")
+            else ("MATMUL_WITHOUT_BATCH", ()))
+  return (("NONE", ()), middle, ("FULL", ()))
+
+
+def describe(policy: str, saved=()) -> str:
+  return f"{policy} saving {', '.join(saved)}" if saved else policy
 
 
 def check_names(names):
@@ -43,7 +61,7 @@ def policy(name: str, saved=(), offloaded=()):
         offload_src="device", offload_dst="pinned_host")
   if name == "AUTO":
     raise ValueError("remat_policy=AUTO names no policy of its own: train.setup replaces it "
-                     f"by the first of {list(AUTO_LADDER)} whose step fits the devices")
+                     "by the first of remat.auto_ladder(attention) whose step fits the devices")
   raise ValueError(f"remat_policy={name!r} is not one of {list(POLICIES)}")
 
 

@@ -106,9 +106,12 @@ def setup(plan: Plan, devices=None, memory_limit: float | None = None) -> Run:
   return run
 
 
-def with_remat(run: Run, policy: str) -> Run:
-  """`run` with another remat policy (nothing else of a Run depends on it)."""
-  options = dataclasses.replace(run.plan.options, remat_policy=policy)
+def with_remat(run: Run, policy: str, saved=()) -> Run:
+  """`run` with another remat policy (nothing else of a Run depends on it); saved: CUSTOM's
+  names_which_can_be_saved."""
+  options = dataclasses.replace(run.plan.options, remat_policy=policy,
+                                names_which_can_be_saved=tuple(saved),
+                                names_which_can_be_offloaded=())
   return dataclasses.replace(run, plan=dataclasses.replace(run.plan, options=options))
 
 
@@ -121,16 +124,17 @@ def compile_step(run: Run) -> tuple:
 
 
 def _choose_remat(run: Run, limit: float) -> Run:
-  """The first policy of remat.AUTO_LADDER (least recomputation first) whose compiled step
-  fits `limit` bytes per device."""
+  """The first rung of remat.auto_ladder (least recomputation first) whose compiled step fits
+  `limit` bytes per device."""
   needs = {}
-  for policy in remat.AUTO_LADDER:
-    candidate = with_remat(run, policy)
-    compiled, needs[policy] = compile_step(candidate)
-    if needs[policy].fits(limit):
-      metrics.log(f"remat_policy=AUTO: {policy}, the step needs {needs[policy].describe()} of "
-           f"{limit / memory.GIB:.1f} GiB per device"
-           + "".join(f"; {p} needs {n.describe()}" for p, n in needs.items() if p != policy))
+  for policy, saved in remat.auto_ladder(run.plan.options.attention):
+    name = remat.describe(policy, saved)
+    candidate = with_remat(run, policy, saved)
+    compiled, needs[name] = compile_step(candidate)
+    if needs[name].fits(limit):
+      metrics.log(f"remat_policy=AUTO: {name}, the step needs {needs[name].describe()} of "
+                  f"{limit / memory.GIB:.1f} GiB per device"
+                  + "".join(f"; {p} needs {n.describe()}" for p, n in needs.items() if p != name))
       return dataclasses.replace(candidate, compiled_step=compiled)
   raise memory.DoesNotFit(
       f"remat_policy=AUTO: no policy fits {limit / memory.GIB:.1f} GiB per device ("
