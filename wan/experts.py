@@ -5,7 +5,8 @@ import dataclasses
 
 import jax
 
-from wan import fs
+from wan import fs, lora, transformer
+from wan.errors import CheckpointError
 
 EXPERTS = ("high_noise", "low_noise")
 
@@ -30,3 +31,25 @@ def lora_loads(loads, run_expert: str, expert: str) -> tuple:
   if run_expert != "both":
     return tuple(loads)
   return tuple(dataclasses.replace(x, path=fs.join(x.path, expert)) for x in loads)
+
+
+def pretrained(model: transformer.Config, weights: str, dtype, expert: str, key, loads=(),
+               mesh=None):
+  """One expert's transformer as a job starts it: read from `weights` (with a `mesh`, each
+  process reads only the parts its devices hold, and the result is placed by the rule table;
+  without one, on the host) or, without weights, initialised from `key`; then the LoRA files
+  `loads` (lora.Load) merged in."""
+  shardings = None if mesh is None else transformer.shardings(model, mesh)
+  if weights:
+    cfg, p = transformer.load(weights, dtype, expert=expert, mesh=mesh)
+    if cfg != model:  # the plan read the same checkpoint's config.json
+      raise CheckpointError(f"{weights} changed while the job started: its architecture is now "
+                            f"{cfg}, the plan's {model}")
+  elif mesh is None:
+    p = jax.device_get(transformer.init(model, key, dtype))
+  else:
+    p = jax.jit(lambda k: transformer.init(model, k, dtype), out_shardings=shardings)(key)
+  if not loads:
+    return p
+  p = lora.apply(p, loads)
+  return p if mesh is None else jax.device_put(p, shardings)

@@ -44,13 +44,9 @@ def _restore(exp: Export, mesh):
 
 def _base(exp: Export, expert: str):
   """A LoRA run's frozen base of one expert on the host, as training built it."""
-  dtype = DTYPES[exp.options.weights_dtype]
-  if exp.weights:
-    base = transformer.load(exp.weights, dtype, expert=expert)[1]
-  else:
-    base = jax.device_get(transformer.init(
-        exp.model, experts.init_key(exp.seed, exp.expert, expert), dtype))
-  return lora.apply(base, experts.lora_loads(exp.lora_loads[1:], exp.expert, expert))
+  return experts.pretrained(exp.model, exp.weights, DTYPES[exp.options.weights_dtype], expert,
+                            experts.init_key(exp.seed, exp.expert, expert),
+                            experts.lora_loads(exp.lora_loads[1:], exp.expert, expert))
 
 
 def run(exp: Export) -> str:

@@ -17,7 +17,7 @@ import re
 import jax
 import numpy as np
 
-from wan import experts, fs, lora, media, pipeline, sharding, transformer
+from wan import experts, fs, media, pipeline, sharding
 from wan.data import encode
 from wan.errors import BadSample
 from wan.numerics import DTYPES
@@ -53,23 +53,20 @@ def read_image(path: str) -> np.ndarray:
 
 
 def _weights(gen: Generation, mesh) -> dict:
-  """The transformer weights: the root's (both experts for Wan 2.2 A14B) or a random init."""
-  dtype = DTYPES[gen.options.weights_dtype]
+  """The transformer weights: the root's (both experts for Wan 2.2 A14B) or a random init, with
+  the LoRA files merged into the expert(s) the config names."""
   names = ("high_noise", "low_noise") if gen.family.experts else ("high_noise",)
-  if gen.weights:
-    return {name: transformer.load(gen.weights, dtype, expert=name, mesh=mesh)[1]
-            for name in names}
-  shardings = transformer.shardings(gen.model, mesh)
-  init = jax.jit(lambda k: transformer.init(gen.model, k, dtype), out_shardings=shardings)
-  return {name: init(experts.init_key(gen.sampling.seed, gen.expert, name)) for name in names}
+  held = experts.held(gen.expert)
+  return {name: experts.pretrained(
+      gen.model, gen.weights, DTYPES[gen.options.weights_dtype], name,
+      experts.init_key(gen.sampling.seed, gen.expert, name),
+      experts.lora_loads(gen.lora_loads, gen.expert, name) if name in held else (), mesh)
+      for name in names}
 
 
 def build(gen: Generation, mesh) -> tuple[pipeline.Pipe, str]:
   """(the pipe, its weights' tag): the run's newest checkpoint replaces the expert it trained."""
   weights = _weights(gen, mesh)
-  for name in experts.held(gen.expert):  # on the expert(s) the config names
-    weights[name] = lora.apply(weights[name], experts.lora_loads(gen.lora_loads, gen.expert,
-                                                                  name))
   encoders = encode.parts(gen.encoding, "float32", gen.options.weights_dtype)
   pipe = pipeline.assemble(gen.family, gen.model, weights, gen.boundary, encoders, gen.options,
                            mesh)

@@ -31,7 +31,7 @@ from wan import (checkpoint, conditioning, data, evaluate, experts, flow, fs, gu
                  transformer)
 from wan.data import batch as batch_lib
 from wan.data import packing
-from wan.errors import CheckpointError, ConfigError
+from wan.errors import ConfigError
 from wan.numerics import DTYPES
 from wan.plan import Plan
 
@@ -194,21 +194,12 @@ def _init_optimizer(run: Run, params):
       _of(run, p, name))), out_shardings=run.state_shardings["opt_state"])(params)
 
 
-def _pretrained(run: Run, expert: str, shardings, merged=()):
-  """One expert's pretrained (or, without weights, randomly initialised) transformer, placed by
-  `shardings`, with the LoRA files `merged` merged in."""
+def _pretrained(run: Run, expert: str, merged=()):
+  """One expert's pretrained (or, without weights, randomly initialised) transformer on the
+  mesh, with the LoRA files `merged` merged in."""
   plan = run.plan
-  dtype = DTYPES[plan.options.weights_dtype]
-  if plan.weights:
-    # Each process reads only the parts of the weights that its devices hold.
-    cfg, placed = transformer.load(plan.weights, dtype, expert=expert, mesh=run.mesh)
-    if cfg != plan.model:  # the plan read the same checkpoint's config.json
-      raise CheckpointError(f"{plan.weights} changed while the run started: its architecture "
-                            f"is now {cfg}, the plan's {plan.model}")
-    return jax.device_put(lora.apply(placed, merged), shardings)
-  p = jax.jit(lambda k: transformer.init(plan.model, k, dtype), out_shardings=shardings)(
-      experts.init_key(plan.seed, plan.expert, expert))
-  return jax.device_put(lora.apply(p, merged), shardings) if merged else p
+  return experts.pretrained(plan.model, plan.weights, DTYPES[plan.options.weights_dtype], expert,
+                            experts.init_key(plan.seed, plan.expert, expert), merged, run.mesh)
 
 
 def frozen_base(run: Run):
@@ -216,11 +207,9 @@ def frozen_base(run: Run):
   (which starts the adapter) merged, its selected kernels quantized with qwix_quantization."""
   plan = run.plan
   q = plan.options.quantization
-  float_shardings = transformer.shardings(plan.model, run.mesh)
 
   def one(name):
-    base = _pretrained(run, name, float_shardings,
-                       experts.lora_loads(plan.lora_loads[1:], plan.expert, name))
+    base = _pretrained(run, name, experts.lora_loads(plan.lora_loads[1:], plan.expert, name))
     if q is None:
       return base
     return jax.jit(lambda p: quant.quantize(p, q),
@@ -247,8 +236,7 @@ def init_state(run: Run) -> dict:
     p = jax.device_put(per_expert(plan, lambda name: _start_adapter(run, name)),
                        run.state_shardings["params"])
   else:
-    p = per_expert(plan, lambda name: _pretrained(
-        run, name, _of(run, run.state_shardings["params"], name)))
+    p = per_expert(plan, lambda name: _pretrained(run, name))
   state["params"] = p
   state["opt_state"] = _init_optimizer(run, p)
   state["step"] = jax.device_put(jnp.zeros((), jnp.int32), run.state_shardings["step"])
