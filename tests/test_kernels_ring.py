@@ -25,8 +25,10 @@ def sharded(n, strategy, seg):
   return mesh, fn
 
 
-@pytest.mark.parametrize("n,strategy", [(2, "ring"), (4, "ring"), (8, "ring"),
-                                        (2, "all_gather"), (8, "all_gather")])
+# Four ring hops already leave the last shard only masked keys; the 8-hop ring runs in
+# tests/test_attention.py's model case (ici_context=8).
+@pytest.mark.parametrize("n,strategy", [(2, "ring"), (4, "ring"), (2, "all_gather"),
+                                        (8, "all_gather")])
 def test_context_parallel_matches_single_device(n, strategy):
   sq = skv = 256
   q, k, v, cot = inputs(sq, skv, 64, jnp.float32)
