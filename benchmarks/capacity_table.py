@@ -108,9 +108,12 @@ def table(done: dict, slices) -> str:
       for s in slices:
         results = {p: done.get(_key(variant, resolution, p, s)) for p in POLICIES}
         fitting = [p for p in LADDER if results[p] and results[p].get("fits")]
-        unknown = any(results[p] is None for p in LADDER[:LADDER.index(fitting[0])]) if (
-            fitting) else results["FULL"] is None
-        cheapest.append("–" if unknown else fitting[0] if fitting else "none fits")
+        if not fitting:
+          cheapest.append("–" if results["FULL"] is None else "none fits")
+        else:
+          unknown = [p for p in LADDER[:LADDER.index(fitting[0])] if results[p] is None]
+          cheapest.append(fitting[0] + (f" ({', '.join(unknown)} not compiled)" if unknown
+                                        else ""))
         sizes.append(" / ".join(_cell(r) for r in results.values()))
       rows.append(f"| {variant} | {resolution} | " + " | ".join(cheapest + sizes) + " |")
   return "\n".join(rows)

@@ -90,7 +90,7 @@ def main(argv):
   train_cfg.checkpoint_every, train_cfg.write_metrics = -1, False
   p = plan_lib.make(train_cfg, jax.devices())
   run = train.setup(p)
-  it = data.make(p, run.mesh)
+  it = data.make(run.plan, run.mesh)
   next(it)  # the prefetch thread is running
   batches, load_s = _timed(lambda: [next(it) for _ in range(_STEPS.value)])
   jax.block_until_ready(batches)

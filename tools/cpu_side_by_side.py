@@ -112,7 +112,7 @@ def jax_side(model_dir: str, out_dir: str, steps: int) -> dict:
   run = train.setup(plan, jax.devices()[:1])
   state = train.init_state(run)
   batch = next(data.make(plan, run.mesh))
-  cfg, opts = plan.model, plan.options
+  cfg, opts = run.plan.model, run.plan.options  # remat_policy=AUTO resolved
   params = state["params"]
   f, h, w, ch = LATENTS
   keys = jax.random.split(jax.random.key(1), 3)
