@@ -16,16 +16,17 @@ NAMES = ("attn_output", "query_proj", "key_proj", "value_proj", "xq_out", "xk_ou
          "ffn_activation", kernels.RESIDUALS)
 
 
-def auto_ladder(attention: str) -> tuple:
+def auto_ladder(flash_kernels: bool) -> tuple:
   """What AUTO tries, least recomputation first, as (policy, names saved): train.setup keeps the
-  first whose compiled step fits the devices' memory.
+  first whose compiled step fits the devices' memory. flash_kernels: the attention runs the
+  Pallas kernels (attention=flash or ring, and sequences of at least flash_min_seq_length).
 
-  With the Pallas kernels the middle rung saves their residuals: one (S, D) activation per
-  layer spares the backward a second forward kernel, the step's largest recomputation at Wan's
+  With the kernels the middle rung saves their residuals: one (S, D) activation per attention
+  call spares the backward a second forward kernel, the step's largest recomputation at Wan's
   sequence lengths (4 S^2 D attention FLOPs against the projections' and FFN's 2 S D (4 D + 2 F)
   in each layer), and needs less memory than MATMUL_WITHOUT_BATCH, which saves every projection
   and FFN output but still runs the kernel again."""
-  middle = (("CUSTOM", (kernels.RESIDUALS,)) if attention in ("flash", "ring")
+  middle = (("CUSTOM", (kernels.RESIDUALS,)) if flash_kernels
             else ("MATMUL_WITHOUT_BATCH", ()))
   return (("NONE", ()), middle, ("FULL", ()))
 
@@ -61,7 +62,7 @@ def policy(name: str, saved=(), offloaded=()):
         offload_src="device", offload_dst="pinned_host")
   if name == "AUTO":
     raise ValueError("remat_policy=AUTO names no policy of its own: train.setup replaces it "
-                     "by the first of remat.auto_ladder(attention) whose step fits the devices")
+                     "by the first of remat.auto_ladder whose step fits the devices")
   raise ValueError(f"remat_policy={name!r} is not one of {list(POLICIES)}")
 
 

@@ -126,8 +126,11 @@ def compile_step(run: Run) -> tuple:
 def _choose_remat(run: Run, limit: float) -> Run:
   """The first rung of remat.auto_ladder (least recomputation first) whose compiled step fits
   `limit` bytes per device."""
+  opts = run.plan.options
+  flash_kernels = (opts.attention in ("flash", "ring")
+                   and run.plan.seq_len >= opts.flash_min_seq_length)
   needs = {}
-  for policy, saved in remat.auto_ladder(run.plan.options.attention):
+  for policy, saved in remat.auto_ladder(flash_kernels):
     name = remat.describe(policy, saved)
     candidate = with_remat(run, policy, saved)
     compiled, needs[name] = compile_step(candidate)
