@@ -8,8 +8,8 @@ Results are appended to --results as they come (one JSON line per cell), so an i
 sweep continues where it stopped. Per-device batch 1 (global batch = the slice's devices), 81
 frames, bf16, flash attention with the slice's tuning. It prints the markdown table: GiB per
 device and whether it fits for each policy, and the cheapest policy that fits: what
-remat_policy=AUTO picks (wan.remat.auto_ladder where the flash kernels run: NONE, then CUSTOM saving
-the flash kernels' residuals, then FULL). MATMUL_WITHOUT_BATCH is measured beside them.
+remat_policy=AUTO picks (wan.remat.auto_ladder where the flash kernels run: NONE, then CUSTOM
+saving the flash kernels' residuals, then FULL). MATMUL_WITHOUT_BATCH is measured beside them.
 """
 
 import json
