@@ -733,6 +733,10 @@ def make(c, devices) -> Plan:
   tokens = lambda s: (s[0] // pt) * (s[1] // ph) * (s[2] // pw)
   latent_shape = max(data.buckets, key=tokens)  # the largest batch: memory and FLOPs
   seq_len = tokens(latent_shape)
+  if kernels.RESIDUALS in options.names_which_can_be_saved and seq_len < c.flash_min_seq_length:
+    _fail(f"{kernels.RESIDUALS}: the videos' {seq_len} tokens are fewer than flash_min_seq_length"
+          f"={c.flash_min_seq_length}, so attention runs without the kernels and has no residuals "
+          "to save; lower flash_min_seq_length or save attn_output")
   if data.pack:
     _check_packing(c, model)
     data = plan_data.packed(data, model.patch_size, seq_len, int(c.max_sequence_length),
