@@ -86,7 +86,8 @@ def get_config():
   # compiles the train step under NONE, CUSTOM saving flash_residuals (the flash kernels'
   # output and lse: the backward runs no forward kernel again) and FULL, least recomputation
   # first, and keeps the first that fits the devices' memory; which one that is differs by
-  # model, resolution and slice (the README's capacity table; NONE fits only the 5B at 480p on v5p-128).
+  # model, resolution and slice (the README's capacity table; NONE fits only the 5B at 480p
+  # on v5p-128).
   c.remat_policy = "AUTO"
   c.names_which_can_be_saved = ()
   c.names_which_can_be_offloaded = ()
