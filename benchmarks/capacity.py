@@ -167,7 +167,7 @@ def _largest_values(hlo_text: str, top: int) -> list:
 @dataclasses.dataclass
 class Program:
   """One program to compile for the topology, and what it is."""
-  lowered: object  # jax.stages.Lowered
+  lowered: object  # jax.stages.Lowered (None when `compiled` is given)
   arguments: tuple  # its abstract arguments (with shardings)
   mesh: object
   what: str
@@ -187,16 +187,15 @@ def plan_config(c):
 def train_program(c, devices, memory_limit: float) -> Program:
   """The train step of config `c` on `devices`; remat_policy=AUTO picks its policy for
   `memory_limit` bytes per device."""
-  import jax
   from wan import plan as plan_lib, train
   from wan.data import batch as batch_lib
   plan = plan_lib.make(c, plan_lib.Devices.of(devices))
   run = train.setup(plan, devices, memory_limit)
-  plan, state = run.plan, train.abstract_state(run)
-  batch = batch_lib.abstract(plan, run.mesh)
-  with jax.set_mesh(run.mesh):
-    lowered = train.make_step(run).lower(state, batch)
-  return Program(lowered, (state, batch), run.mesh, _describe(plan), plan, run.compiled_step)
+  plan = run.plan
+  arguments = (train.abstract_state(run), batch_lib.abstract(plan, run.mesh))
+  # AUTO compiled the step while choosing: no second lowering of it
+  lowered = None if run.compiled_step is not None else train.lower_step(run)
+  return Program(lowered, arguments, run.mesh, _describe(plan), plan, run.compiled_step)
 
 
 def _describe(plan) -> str:

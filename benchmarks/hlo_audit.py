@@ -229,7 +229,8 @@ def main(argv):
   program = capacity.train_program(capacity.plan_config(_CONFIG.value), devices,
                                    capacity.hbm_gib(devices) * capacity.GIB)
   what, plan = program.what, program.plan
-  hlo = (program.compiled or program.lowered.compile()).as_text()
+  compiled = program.compiled if program.compiled is not None else program.lowered.compile()
+  hlo = compiled.as_text()
   if _HLO.value:
     with open(_HLO.value, "w") as f:
       f.write(hlo)

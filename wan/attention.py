@@ -26,7 +26,14 @@ import kernels
 from wan import sharding
 
 IMPLS = ("dot_product", "flash", "cudnn_flash_te", "ring")
+PALLAS = ("flash", "ring")  # the implementations that run kernels/' Pallas kernels
 CONTEXT_AXIS = "context"
+
+
+def runs_kernel(impl: str, seq_len: int, min_seq_length: int) -> bool:
+  """Whether `impl` runs its kernel for `seq_len` queries (shorter than `min_seq_length`:
+  dot_product, as `attention` routes it)."""
+  return impl != "dot_product" and seq_len >= min_seq_length
 
 
 def dot_product(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, precision=None,
@@ -200,7 +207,7 @@ def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segm
     raise ValueError(f"attention implementation {impl!r} is not one of {list(IMPLS)}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-  if impl == "dot_product" or q.shape[1] < min_seq_length:
+  if not runs_kernel(impl, q.shape[1], min_seq_length):
     return dot_product(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                        precision=precision, split_head_dim=split_head_dim)
   if isinstance(block_sizes, tuple):

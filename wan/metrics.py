@@ -211,11 +211,11 @@ def step_flops(plan, latent_shape=None, clips=None) -> float:
   per_token = plan.conditioning == "first_frame"
   if clips is not None:
     return 3 * sum(flops.flops(plan.model, n, f, h, w, plan.text_len, plan.image_len,
-                                     per_token_timestep=per_token)
+                               per_token_timestep=per_token)
                    for (f, h, w), n in collections.Counter(map(tuple, clips)).items())
   f, h, w, _ = latent_shape or plan.latent_shape
   return 3 * flops.flops(plan.model, plan.global_batch, f, h, w, plan.text_len,
-                               plan.image_len, per_token_timestep=per_token)
+                         plan.image_len, per_token_timestep=per_token)
 
 
 class Reporter:
@@ -264,7 +264,7 @@ class Reporter:
                                     "samples_per_second": samples / elapsed})
     if not finite:
       log(f"step {step + 1}: non-finite loss {float(stats['loss']):g} or gradient norm "
-           f"{float(stats['grad_norm']):g}: the update was skipped ({self._in_a_row} in a row)")
+          f"{float(stats['grad_norm']):g}: the update was skipped ({self._in_a_row} in a row)")
     if self._in_a_row >= plan.max_nonfinite_steps:
       raise TrainingStopped(
           f"{self._in_a_row} non-finite steps in a row up to step {step + 1} (max_nonfinite_steps="

@@ -15,8 +15,8 @@ import os
 
 import kernels
 
-from wan import (families, flow, fs, lora, optim, params, plan_data, plan_lora, plan_sample,
-                 quant, remat, sharding, transformer, vae)
+from wan import (attention, families, flow, fs, lora, optim, params, plan_data, plan_lora,
+                 plan_sample, quant, remat, sharding, transformer, vae)
 from wan.data import sources
 from wan.weights import roots as weight_roots
 from wan.weights import transformer as transformer_weights
@@ -139,7 +139,7 @@ GATED = {
     "per_device_batch_size": (1.0, ("global_batch_size <= 0 (global_batch_size wins)",
                                     lambda c: c.global_batch_size <= 0)),
     "flash_block_sizes": ({}, ("attention=flash or ring",
-                               lambda c: c.attention in ("flash", "ring"))),
+                               lambda c: c.attention in attention.PALLAS)),
     "num_processes": (0, ("coordinator_address", lambda c: bool(c.coordinator_address))),
     "process_id": (-1, ("coordinator_address", lambda c: bool(c.coordinator_address))),
 }
@@ -344,7 +344,7 @@ def check(c):
     remat.check_names(remat_names)
   except ValueError as e:
     _fail(str(e))
-  if kernels.RESIDUALS in remat_names and c.attention not in ("flash", "ring"):
+  if kernels.RESIDUALS in remat_names and c.attention not in attention.PALLAS:
     _fail(f"{kernels.RESIDUALS} names the flash and ring kernels' residuals; attention="
           f"{c.attention} has none: use attention=flash or ring, or save attn_output")
   _check_ranges(c)
@@ -733,7 +733,8 @@ def make(c, devices) -> Plan:
   tokens = lambda s: (s[0] // pt) * (s[1] // ph) * (s[2] // pw)
   latent_shape = max(data.buckets, key=tokens)  # the largest batch: memory and FLOPs
   seq_len = tokens(latent_shape)
-  if kernels.RESIDUALS in options.names_which_can_be_saved and seq_len < c.flash_min_seq_length:
+  if kernels.RESIDUALS in options.names_which_can_be_saved and not attention.runs_kernel(
+      c.attention, seq_len, c.flash_min_seq_length):
     _fail(f"{kernels.RESIDUALS}: the videos' {seq_len} tokens are fewer than flash_min_seq_length"
           f"={c.flash_min_seq_length}, so attention runs without the kernels and has no residuals "
           "to save; lower flash_min_seq_length or save attn_output")

@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from wan import (checkpoint, conditioning, data, evaluate, experts, flow, fs, guards, lora,
-                 memory, metrics, numerics, optim, params as params_lib, quant, remat, sharding,
-                 transformer)
+from wan import (attention, checkpoint, conditioning, data, evaluate, experts, flow, fs, guards,
+                 lora, memory, metrics, numerics, optim, params as params_lib, quant, remat,
+                 sharding, transformer)
 from wan.data import batch as batch_lib
 from wan.data import packing
 from wan.errors import ConfigError
@@ -115,20 +115,24 @@ def with_remat(run: Run, policy: str, saved=()) -> Run:
   return dataclasses.replace(run, plan=dataclasses.replace(run.plan, options=options))
 
 
+def lower_step(run: Run):
+  """`run`'s train step lowered for the plan's batch shapes (the abstract state and batch)."""
+  with jax.set_mesh(run.mesh):
+    return make_step(run).lower(abstract_state(run), batch_lib.abstract(run.plan, run.mesh))
+
+
 def compile_step(run: Run) -> tuple:
   """(`run`'s train step compiled for the plan's batch shapes, or None where the compiler
   refused it for memory; its per-device memory.Need)."""
-  with jax.set_mesh(run.mesh):
-    lowered = make_step(run).lower(abstract_state(run), batch_lib.abstract(run.plan, run.mesh))
-  return memory.compile_need(lowered)
+  return memory.compile_need(lower_step(run))
 
 
 def _choose_remat(run: Run, limit: float) -> Run:
   """The first rung of remat.auto_ladder (least recomputation first) whose compiled step fits
   `limit` bytes per device."""
   opts = run.plan.options
-  flash_kernels = (opts.attention in ("flash", "ring")
-                   and run.plan.seq_len >= opts.flash_min_seq_length)
+  flash_kernels = opts.attention in attention.PALLAS and attention.runs_kernel(
+      opts.attention, run.plan.seq_len, opts.flash_min_seq_length)
   needs = {}
   for policy, saved in remat.auto_ladder(flash_kernels):
     name = remat.describe(policy, saved)
