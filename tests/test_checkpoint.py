@@ -1,6 +1,8 @@
 """Orbax checkpoints of train states: round trip with shardings, the last N kept, states without
-the optimizer, and clear errors for a checkpoint that does not fit or is damaged."""
+the optimizer, and clear errors for a checkpoint that does not fit or is damaged (the file sizes
+each completed save lists)."""
 
+import json
 import os
 
 import jax
@@ -73,6 +75,35 @@ def test_damaged_checkpoint_is_a_clear_error(tmp_path, mesh):
   with pytest.raises(ValueError, match="checkpoint at step 1 .* is damaged"):
     ckpt.restore(1, _state(mesh))
   ckpt.close()
+
+
+def test_a_completed_save_lists_its_file_sizes_and_any_change_is_damage(tmp_path, mesh):
+  """Each host compares the files with the sizes process 0 wrote when the save completed, before
+  orbax reads anything: a file cut short, grown or missing, or an unreadable list, is damage;
+  a checkpoint without the list is not checked."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, save_optimizer=True)
+  ckpt.save(1, _state(mesh), {"next_sample": 0})
+  ckpt.close()
+  step_dir = str(tmp_path / "1")
+  sizes = json.loads((tmp_path / "1" / checkpoint.SIZES).read_text())
+  files = {os.path.relpath(os.path.join(root, n), step_dir)
+           for root, _, names in os.walk(step_dir) for n in names}
+  assert set(sizes) == files - {checkpoint.SIZES}
+  assert all(sizes[name] == os.path.getsize(os.path.join(step_dir, name)) for name in sizes)
+  assert checkpoint.damage(step_dir) is None
+  data = sorted(n for n in sizes if "/d/" in n)[0]
+  path = os.path.join(step_dir, data)
+  content = open(path, "rb").read()
+  with open(path, "ab") as f:
+    f.write(b"x")
+  assert checkpoint.damage(step_dir) == (
+      f"its file {data} has {len(content) + 1} bytes, {len(content)} when it was saved")
+  os.remove(path)
+  assert checkpoint.damage(step_dir) == f"its file {data} is missing"
+  (tmp_path / "1" / checkpoint.SIZES).write_text("{")
+  assert "cannot be read" in checkpoint.damage(step_dir)
+  os.remove(tmp_path / "1" / checkpoint.SIZES)
+  assert checkpoint.damage(step_dir) is None
 
 
 @pytest.mark.parametrize("saved_by,restored_by", [(False, True), (True, False)],

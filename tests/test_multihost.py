@@ -69,3 +69,36 @@ def test_two_processes_match_one_resume_on_one_replica_and_stop_together_on_a_pr
   assert found, outputs
   assert 5 <= int(found[1]) < 10_000
   assert sorted(os.listdir(checkpoints), key=int) == ["3", found[1]]
+
+
+def test_a_checkpoint_damaged_where_one_host_reads_is_set_aside_by_both(tmp_path):
+  """The parameters split over the hosts (dcn_fsdp=2), so host 1 alone reads what it wrote
+  (ocdbt.process_1). With those files of the newest checkpoint cut short, orbax would fail on
+  host 1 alone, in the middle of its collectives; the file sizes listed when the save completed
+  show the damage to both hosts before orbax reads, and both resume from the checkpoint before,
+  with the losses of the first run."""
+  out = str(tmp_path / "out")
+  settings = dict(SETTINGS, max_train_steps=2, checkpoint_every=4, dcn_data=1, dcn_fsdp=2)
+  hosts.finish(hosts.start(2, 2, f"--config.output_dir={out}", *_flags(**settings)), 300)
+  first = _losses(out)
+  checkpoints = os.path.join(out, "wan21_t2v_tiny", "checkpoints")
+  assert sorted(os.listdir(checkpoints)) == ["1", "2"]
+  part = os.path.join(checkpoints, "2", "state", "ocdbt.process_1")
+  cut = 0
+  for root, _, names in os.walk(part):
+    for name in names:
+      path = os.path.join(root, name)
+      if os.path.getsize(path) > 64:
+        os.truncate(path, os.path.getsize(path) // 2)
+        cut += 1
+  assert cut
+  outputs = hosts.finish(hosts.start(2, 2, f"--config.output_dir={out}", *_flags(
+      **dict(settings, max_train_steps=3))), 300)
+  assert re.search(r"checkpoint at step 2 cannot be restored \(its file state/ocdbt.process_1/"
+                   r"\S+ has \d+ bytes, \d+ when it was saved\); it was moved to \S+2.damaged "
+                   r"and the run resumes from step 1", outputs[0]), outputs[0]
+  assert "resumed from step 1" in outputs[0]
+  again = _losses(out)
+  assert len(again) == 3
+  np.testing.assert_allclose(again[:2], first, rtol=1e-5)
+  assert sorted(os.listdir(checkpoints)) == ["1", "2", "2.damaged", "3"]

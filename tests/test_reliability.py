@@ -6,6 +6,7 @@ larger batch."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -219,24 +220,41 @@ def _truncate(step_dir):
           f.truncate(os.path.getsize(path) // 2)
 
 
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_path):
-  clean = train.train(plan.make(_tiny(max_train_steps=6, output_dir=str(tmp_path / "clean")),
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_path, capsys):
+  """Damage found by the file sizes that each completed save lists, and, in a checkpoint without
+  that list (its process killed before writing it), by orbax's restore."""
+  clean = train.train(plan.make(_tiny(max_train_steps=8, output_dir=str(tmp_path / "clean")),
                                 _devices()), _devices())
   c = _tiny(max_train_steps=4, checkpoint_every=4, output_dir=str(tmp_path / "run"))
   train.train(plan.make(c, _devices()), _devices())
   checkpoints = tmp_path / "run" / "wan21_t2v_tiny" / "checkpoints"
   assert sorted(os.listdir(checkpoints)) == ["2", "3", "4"]
   _truncate(checkpoints / "4")  # the newest checkpoint
+  capsys.readouterr()
   c.max_train_steps = 6
   rest = train.train(plan.make(c, _devices()), _devices())
-  assert rest == clean[3:]  # resumed from step 3, exactly
+  assert rest == clean[3:6]  # resumed from step 3, exactly
   assert "4.damaged" in os.listdir(checkpoints)  # its files kept, out of orbax's way
+  assert re.search(r"checkpoint at step 4 cannot be restored \(its file state/\S+ has \d+ "
+                   r"bytes, \d+ when it was saved\); it was moved to \S+4.damaged and the run "
+                   r"resumes from step 3", capsys.readouterr().out)
+  # The two newest damaged, the newest without its sizes: back to step 4, saved again.
+  assert sorted(n for n in os.listdir(checkpoints) if n.isdigit()) == ["4", "5", "6"]
+  for step in ("5", "6"):
+    _truncate(checkpoints / step)
+  os.remove(checkpoints / "6" / checkpoint.SIZES)
+  c.max_train_steps = 8
+  rest = train.train(plan.make(c, _devices()), _devices())
+  assert rest == clean[4:]
+  out = capsys.readouterr().out
+  assert re.search(r"checkpoint at step 6 cannot be restored \(.+\); it was moved", out), out
+  assert "checkpoint at step 5 cannot be restored (its file state/" in out
   # Every checkpoint damaged: the newest one's error, and nothing moved.
-  for step in ("4", "5", "6"):
+  for step in ("6", "7", "8"):
     _truncate(checkpoints / step)
   before = sorted(os.listdir(checkpoints))
-  c.max_train_steps = 8
-  with pytest.raises(CheckpointError, match="checkpoint at step 6 .* cannot be restored"):
+  c.max_train_steps = 10
+  with pytest.raises(CheckpointError, match="checkpoint at step 8 .* cannot be restored"):
     train.train(plan.make(c, _devices()), _devices())
   assert sorted(os.listdir(checkpoints)) == before
 

@@ -5,10 +5,16 @@ and the data iterator's position. Orbax writes each step into a temporary direct
 it when complete, so an interrupted save never replaces or damages an earlier checkpoint; a
 restart finds the newest complete one. The RNG needs no saving: every step's key is derived from
 (seed, step).
+
+Once a save is complete, process 0 adds the size of each of its files (SIZES). Before restoring,
+every host compares the files with it, so that all hosts find a damaged checkpoint damaged
+together, also when the damage is in a part that only one host reads (orbax reports that on
+that host alone, in the middle of its collectives).
 """
 
 import contextlib
 import errno
+import json
 import os
 import shutil
 
@@ -22,6 +28,9 @@ from wan.errors import CheckpointError
 
 # State entries never written: a LoRA run's frozen base, which a restart reads again.
 UNSAVED = ("base",)
+
+# In each step's directory: {file under it: size in bytes} when its save completed.
+SIZES = "wan_sizes.json"
 
 
 class Checkpointer:
@@ -39,6 +48,7 @@ class Checkpointer:
     self._save_optimizer, self._single_replica = save_optimizer, single_replica
     self._directory, self._keep = directory, keep
     self._writing_step = None  # the step of the save in flight
+    self._unlisted = None  # the step of a save whose sizes are not written yet
     if not fs.is_remote(directory):
       fs.makedirs(directory)
     self._manager = self._open()
@@ -67,6 +77,21 @@ class Checkpointer:
       self._check_space(saved)
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.PyTreeSave(saved), data=ocp.args.JsonSave(data_state)))
+    self._unlisted = step
+
+  def poll(self):
+    """Writes the sizes of a save that has completed since the last call (cheap: no waiting,
+    no collective; process 0 writes them)."""
+    if self._unlisted is not None and not self._manager.is_saving_in_progress():
+      step, self._unlisted = self._unlisted, None
+      if jax.process_index() == 0 and step in self._manager.all_steps():
+        directory = fs.join(self._directory, str(step))
+        sizes = fs.file_sizes(directory)
+        path = fs.join(directory, SIZES)
+        tmp = fs.sibling(path, "tmp")
+        with fs.open_file(tmp, "w") as f:
+          json.dump(sizes, f, indent=0, sort_keys=True)
+        fs.replace(tmp, path)
 
   def _check_space(self, saved: dict):
     """Refuses a save that the local disk cannot hold, before writing any of it (a write that
@@ -111,20 +136,27 @@ class Checkpointer:
     none restores, the newest one's error is raised and nothing is moved."""
     errors = []
     for step in sorted(self._manager.all_steps(), reverse=True):
+      bad = damage(fs.join(self._directory, str(step)))  # before orbax: the hosts agree before its collectives
+      if bad:
+        errors.append((step, bad, CheckpointError(
+            f"checkpoint at step {step} in {self._directory} cannot be restored: {bad}. "
+            f"Delete that step's directory to resume from an earlier one, or set a new "
+            f"run_name")))
+        continue
       try:
         state, data_state = self.restore(step, state_like)
       except CheckpointError as e:
-        errors.append((step, e))
+        errors.append((step, str(e.__cause__)[:300], e))
         continue
       if errors:
-        self._set_aside([bad for bad, _ in errors])
-        for bad, e in errors:
-          log(f"checkpoint at step {bad} cannot be restored ({str(e.__cause__)[:300]}); it was "
-              f"moved to {fs.join(self._directory, f'{bad}.damaged')} and the run resumes from "
-              f"step {step}")
+        self._set_aside([bad for bad, _, _ in errors])
+        for bad, why, _ in errors:
+          log(f"checkpoint at step {bad} cannot be restored ({why}); it was moved to "
+              f"{fs.join(self._directory, f'{bad}.damaged')} and the run resumes from step "
+              f"{step}")
       return step, state, data_state
     if errors:
-      raise errors[0][1]
+      raise errors[0][2]
     return None
 
   def _set_aside(self, steps):
@@ -145,6 +177,7 @@ class Checkpointer:
   def wait(self):
     with self._writing():
       self._manager.wait_until_finished()
+    self.poll()
 
   def close(self):
     try:
@@ -206,6 +239,28 @@ def _first_line(e: BaseException) -> str:
   return text.splitlines()[0][:300]
 
 
+def damage(step_dir: str) -> str | None:
+  """What is wrong with the files of the checkpoint in `step_dir` (a file missing, or of another
+  size than when it was saved), or None. Every host sees the same files, so every host gives the
+  same answer. A checkpoint without SIZES (written by a process stopped before it wrote them, or
+  by an older version) is not checked."""
+  path = fs.join(step_dir, SIZES)
+  if not fs.exists(path):
+    return None
+  try:
+    with fs.open_file(path) as f:
+      want = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"its list of file sizes {path} cannot be read ({e})"
+  have = fs.file_sizes(step_dir)
+  for name, size in sorted(want.items()):
+    if name not in have:
+      return f"its file {name} is missing"
+    if have[name] != size:
+      return f"its file {name} has {have[name]} bytes, {size} when it was saved"
+  return None
+
+
 def latest_params(directory: str, params_like):
   """(step, params) of the newest checkpoint in `directory`, placed like `params_like` (arrays
   or ShapeDtypeStructs with shardings); None when the directory holds none. Only the parameters
@@ -217,6 +272,10 @@ def latest_params(directory: str, params_like):
   if step is None:
     manager.close()
     return None
+  bad = damage(fs.join(directory, str(step)))
+  if bad:
+    manager.close()
+    raise CheckpointError(f"checkpoint at step {step} in {directory} cannot be read: {bad}")
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params_like)
   target = {"params": abstract}

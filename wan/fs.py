@@ -71,6 +71,18 @@ def size(path) -> int:
   return _gfile().stat(str(path)).length if is_remote(path) else os.path.getsize(path)
 
 
+def file_sizes(path) -> dict[str, int]:
+  """{path relative to directory `path` ("/"-separated): size in bytes} of every file under it."""
+  path = str(path).rstrip("/")
+  walk = _gfile().walk(path) if is_remote(path) else os.walk(path)
+  sizes = {}
+  for root, _, names in walk:
+    rel = str(root)[len(path):].strip("/")
+    for name in names:
+      sizes[f"{rel}/{name}" if rel else name] = size(join(str(root), name))
+  return sizes
+
+
 def open_file(path, mode: str = "r"):
   return _gfile().GFile(str(path), mode) if is_remote(path) else open(path, mode)
 

@@ -560,6 +560,8 @@ def _train(plan: Plan, devices, stops: guards.StopRequests) -> list[float]:
         profiler.before_step(step)
         batch = next(it)
         state, stats = step_fn(state, batch)
+        if ckpt:
+          ckpt.poll()  # a save completed since: its file sizes (checkpoint.SIZES)
         if pending is not None:
           report(*pending)
         pending = (step, stats, batch["latents"].shape[1:] if "latents" in batch else None)
