@@ -75,7 +75,8 @@ def test_kernels_without_mesh_match_dot_product(impl, cross):
 @pytest.mark.parametrize("impl, sizes", [
     ("flash", dict(fsdp=2, context=2, tensor=2)),
     ("ring", dict(context=4, tensor=2)),
-    ("ring", dict(data=2, context=4))])
+    ("ring", dict(data=2, context=4)),
+    ("ring", dict(fsdp=4, context=2))])  # a batch of 2 leaves fsdp to the sequence: an 8-hop ring
 @pytest.mark.parametrize("cross", [False, True])
 def test_kernels_under_a_mesh_match_dot_product(impl, sizes, cross):
   q, k, v = _qkv(skv=24 if cross else 48)
@@ -213,6 +214,7 @@ def dot_product_reference():
 
 @pytest.mark.parametrize("module, attn, mesh", [
     (wan21_t2v, "flash", dict()),
+    (wan21_t2v, "flash", dict(ici_fsdp=8)),  # a batch of 4: its tokens split over fsdp
     (wan21_t2v, "flash", dict(ici_fsdp=2, ici_context=2, ici_tensor=2, remat_policy="CUSTOM",
                               names_which_can_be_saved=("flash_residuals",))),
     (wan21_t2v, "ring", dict(ici_fsdp=4, ici_context=2, attention_sharding_uniform=False)),

@@ -33,6 +33,13 @@ def test_spec_uses_each_mesh_axis_once_and_skips_non_dividing_axes():
       jax.P(("data", "fsdp"), None, None)
   # 6 is not divisible by data*fsdp = 4: drop fsdp, keep data.
   assert sharding.spec(("batch",), (6,), mesh) == jax.P("data")
+  # A batch too small for fsdp leaves it to the sequence (and to nothing else).
+  assert sharding.spec(("batch", "length", "act_embed"), (2, 6, 8), mesh) == \
+      jax.P("data", "fsdp", None)
+  assert sharding.spec(("batch", "length", "act_embed"), (1, 6, 8), mesh) == \
+      jax.P(None, "fsdp", None)
+  assert sharding.spec(("batch", "length", "act_embed"), (2, 5, 8), mesh) == \
+      jax.P("data", None, None)
   # "embed" wants fsdp, but batch already took it.
   assert sharding.spec(("batch", "embed"), (4, 8), mesh) == jax.P(("data", "fsdp"), None)
   with pytest.raises(KeyError, match="no entry"):

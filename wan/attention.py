@@ -4,10 +4,12 @@
 
 - dot_product: plain XLA softmax attention; GSPMD shards it from the surrounding constraints.
 - flash: the Pallas kernel (kernels.flash_attention). Under a mesh it runs per device in a
-  `shard_map`: batch over (data, fsdp), heads over tensor, queries over context; each device
-  gets the whole K/V (gathered over context if they arrive sharded).
+  `shard_map`: batch over (data, fsdp), heads over tensor, queries over context (and over fsdp
+  when the batch is too small for it); each device gets the whole K/V (gathered if they arrive
+  sharded).
 - ring: context parallelism. Self-attention (K/V as long as the queries) runs
-  kernels.ring_attention over the context axis, K/V travelling around the ring; shorter K/V
+  kernels.ring_attention over the queries' sequence axes (context, and fsdp when the batch is too
+  small for it), K/V travelling around the ring; shorter K/V
   (text or image tokens) are gathered once and go through flash (the all-gather strategy).
 - cudnn_flash_te: cuDNN flash attention via `jax.nn.dot_product_attention` (NVIDIA GPUs only),
   per device like flash.
@@ -163,8 +165,9 @@ def _manual_mesh():
 def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded: bool):
   """Runs fn(q, k, v, q_seg, kv_seg) on each device's shard of the context mesh (or directly).
 
-  Batch over (data, fsdp), heads over tensor, queries over context (where they divide); K/V
-  are sharded over context only when `kv_sharded`, else every device receives all of them.
+  Batch over (data, fsdp), heads over tensor, queries over context (and fsdp where the batch
+  leaves it), where they divide; K/V are sharded like the queries only when `kv_sharded`, else
+  every device receives all of them.
   """
   mesh = _manual_mesh()
   if mesh is None:
@@ -174,7 +177,7 @@ def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded: bool):
   kv_spec = sharding.spec(("batch", kv_axis, "act_heads", None), k.shape, mesh)
   if kv_sharded and kv_spec[1] != q_spec[1]:
     raise ValueError(f"ring attention needs queries ({q.shape[1]}) and keys ({k.shape[1]}) "
-                     f"split evenly over the {CONTEXT_AXIS} axis")
+                     f"split evenly over the same axes ({q_spec[1]})")
   if q_segment_ids is None:
     mapped = jax.shard_map(lambda q, k, v: fn(q, k, v, None, None), mesh=mesh,
                            in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec,
@@ -186,11 +189,19 @@ def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded: bool):
   return mapped(q, k, v, q_segment_ids, kv_segment_ids)
 
 
+def _length_axes(q) -> tuple[str, ...]:
+  """The mesh axes the queries' sequence splits over (context, and fsdp where the batch leaves
+  it; sharding.RULES)."""
+  mesh = _manual_mesh()
+  if mesh is None:
+    return ()
+  entry = sharding.spec(("batch", "length", "act_heads", None), q.shape, mesh)[1]
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
 def _ring_applies(q, k) -> bool:
   """Self-attention whose sequence splits evenly over a context axis of size > 1."""
-  mesh = _manual_mesh()
-  n = 1 if mesh is None else dict(zip(mesh.axis_names, mesh.axis_sizes)).get(CONTEXT_AXIS, 1)
-  return n > 1 and q.shape[1] == k.shape[1] and q.shape[1] % n == 0
+  return CONTEXT_AXIS in _length_axes(q) and q.shape[1] == k.shape[1]
 
 
 def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segment_ids=None,
@@ -216,7 +227,8 @@ def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segm
   if impl == "cudnn_flash_te":
     return _per_device(_cudnn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=False)
   if impl == "ring" and _ring_applies(q, k):
-    ring = functools.partial(_ring_local, block_sizes=block_sizes, target=target)
+    ring = functools.partial(_ring_local, block_sizes=block_sizes, target=target,
+                             axis_name=_length_axes(q))
     return _per_device(ring, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=True)
   return _per_device(flash, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=False)
 
@@ -227,7 +239,7 @@ def _flash_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes, target)
                                  target=target)
 
 
-def _ring_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes, target):
-  return kernels.ring_attention(q, k, v, axis_name=CONTEXT_AXIS, q_segment_ids=q_segment_ids,
+def _ring_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes, target, axis_name):
+  return kernels.ring_attention(q, k, v, axis_name=axis_name, q_segment_ids=q_segment_ids,
                                 kv_segment_ids=kv_segment_ids, block_sizes=block_sizes,
                                 target=target)

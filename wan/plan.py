@@ -241,7 +241,23 @@ class Plan:
             + (f" ({self.accumulation} micro-batches of {self.global_batch // self.accumulation})"
                if self.accumulation > 1 else "") + ", latents "
             f"{f}x{h}x{w}x{c} = {self.seq_len} tokens/sample, {self.num_steps} steps"
-            + self._data_summary() + self._eval_summary())
+            + self._split_summary() + self._data_summary() + self._eval_summary())
+
+  def _split_summary(self) -> str:
+    """Where fsdp does not split the batch: whether it splits each sample's tokens."""
+    n = self.mesh_shape["fsdp"]
+    micro = self.global_batch // self.accumulation
+    spec = sharding.spec(("batch", "length"), (micro, self.seq_len), self.mesh_shape)
+    entries = [() if e is None else (e,) if isinstance(e, str) else e for e in spec]
+    if n == 1 or "fsdp" in entries[0]:
+      return ""
+    if "fsdp" in entries[1]:
+      return (f"\nthe batch of {micro} is smaller than data x fsdp: each sample's "
+              f"{self.seq_len} tokens split over fsdp {n}")
+    return (f"\nfsdp {n} splits neither the batch of {micro} nor the {self.seq_len} tokens of a "
+            f"sample: every fsdp device computes every token (activations gathered and "
+            f"all-reduced in each layer); use a batch that data x fsdp divides, or videos whose "
+            f"token count fsdp divides")
 
   def _lora_summary(self) -> str:
     r = self.lora

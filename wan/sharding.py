@@ -6,6 +6,12 @@ an array (parameter shardings, optimizer state, activation constraints) goes thr
 
 Mesh axes: data (pure data parallel), fsdp (data parallel with parameters and optimizer state
 sharded), context (sequence parallel), tensor (heads / MLP hidden parallel).
+
+A batch smaller than data x fsdp (one 720p video on a v5p-8) leaves fsdp to the sequence: the
+tokens split over the fsdp devices, which then gather each layer's weights as FSDP does and
+attend against gathered K/V (or, with ring attention, pass K/V around context x fsdp). Left
+whole instead, every device would hold all tokens and split each matmul over its hidden
+dimension, gathering and all-reducing activations in every layer.
 """
 
 import math
@@ -27,7 +33,7 @@ RULES = (
     ("vocab", ("tensor",)),
     # activations
     ("batch", ("data", "fsdp")),
-    ("length", ("context",)),
+    ("length", ("context", "fsdp")),  # fsdp only where the batch cannot take it (see below)
     ("kv_length", ()),
     ("act_embed", ()),
     ("act_heads", ("tensor",)),
