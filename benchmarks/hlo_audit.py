@@ -20,7 +20,10 @@ The FSDP minimum per layer: each layer's weights (this device's tensor-parallel 
 once forward and once more for the backward's recomputation (FULL and the policies that do
 not save them; NONE keeps them), and their gradient reduce-scattered once: per device
 W x (n-1)/n received per gather and per reduce-scatter, n the fsdp x data size the weights are
-split over. `--json` writes the table.
+split over. Where each sample's tokens are split over t devices (a batch smaller than data x
+fsdp leaves fsdp to the tokens; context parallelism), self-attention's K/V add as many gathers
+of 2 x S x D x (t-1)/t per sample and one reduce-scatter of their gradient. `--json` writes the
+table.
 
 It also counts the Pallas flash kernel calls per region: a `kernel flash_fwd` row in the
 backward layer scan is the forward kernel run again for the recomputation (FULL,
@@ -178,7 +181,10 @@ def audit(hlo: str, devices: int, layers: int) -> dict:
 
 def fsdp_minimum(plan) -> dict:
   """Per layer and device: the bytes of one gather of the layer's weights and of one
-  reduce-scatter of its gradient, and how many gathers the remat policy needs."""
+  reduce-scatter of its gradient, and how many gathers the remat policy needs. With each
+  sample's tokens split (a batch smaller than data x fsdp, or context parallelism), also the
+  bytes of one gather of self-attention's K/V (the attention kernels gather them, once per
+  forward like the weights) and of the reduce-scatter of their gradient."""
   decls = train.trained_declarations(plan)
   leaves = jax.tree.leaves(params_lib.abstract(decls, DTYPES[plan.options.weights_dtype]))
   layers = plan.model.num_layers
@@ -189,8 +195,13 @@ def fsdp_minimum(plan) -> dict:
   part = per_layer / mesh["tensor"]
   moved = part * (n - 1) / n
   gathers = 1 if plan.options.remat_policy == "NONE" else 2
+  batch_axes, token_axes = plan.split_axes
+  t = math.prod(mesh[a] for a in token_axes)
+  local_batch = plan.global_batch // plan.accumulation // math.prod(mesh[a] for a in batch_axes)
+  kv = (2 * local_batch * plan.seq_len * plan.model.dim // mesh["tensor"]
+        * np.dtype(DTYPES[plan.options.activations_dtype]).itemsize * (t - 1) / t)
   return {"layer_weight_bytes": part, "gather": moved, "gathers": gathers,
-          "reduce_scatter": moved, "fsdp_group": n}
+          "reduce_scatter": moved, "fsdp_group": n, "token_split": t, "kv_gather": kv}
 
 
 def format_table(result: dict, minimum: dict) -> str:
@@ -198,7 +209,10 @@ def format_table(result: dict, minimum: dict) -> str:
   lines = [f"per layer and device: weights {minimum['layer_weight_bytes'] / 2**20:.1f} MiB; "
            f"FSDP minimum received: {minimum['gathers']} gather(s) of "
            f"{minimum['gather'] / 2**20:.1f} MiB + one reduce-scatter of "
-           f"{minimum['reduce_scatter'] / 2**20:.1f} MiB (group of {minimum['fsdp_group']})",
+           f"{minimum['reduce_scatter'] / 2**20:.1f} MiB (group of {minimum['fsdp_group']})"
+           + (f"; tokens split over {minimum['token_split']} devices: + self-attention K/V "
+              f"gathered as often ({minimum['kv_gather'] / 2**20:.1f} MiB) and their gradient "
+              f"reduce-scattered once" if minimum["kv_gather"] else ""),
            "", f"{'region':<22} {'trips':>5}  {'kind':<20} {'count':>6} {'MiB/trip':>10}"
            f" {'MiB total':>10}"]
   for region, kinds in sorted(result["regions"].items()):
@@ -211,14 +225,14 @@ def format_table(result: dict, minimum: dict) -> str:
   gathered = layer("forward layer scan", ("all-gather", "collective-permute")) + layer(
       "backward layer scan", ("all-gather", "collective-permute"))
   scattered = layer("backward layer scan", ("reduce-scatter",))
-  want_g = minimum["gather"] * minimum["gathers"]
-  lines += ["", f"weight gathers per layer (all-gather + collective-permute, both scans): "
+  want_g = (minimum["gather"] + minimum["kv_gather"]) * minimum["gathers"]
+  want_s = minimum["reduce_scatter"] + minimum["kv_gather"]
+  what = "weight and K/V" if minimum["kv_gather"] else "weight"
+  lines += ["", f"{what} gathers per layer (all-gather + collective-permute, both scans): "
                 f"{gathered / 2**20:.1f} MiB vs minimum {want_g / 2**20:.1f} MiB "
                 f"({gathered / want_g:.2f}x)" if want_g else "",
             f"gradient reduce-scatter per layer: {scattered / 2**20:.1f} MiB vs minimum "
-            f"{minimum['reduce_scatter'] / 2**20:.1f} MiB"
-            + (f" ({scattered / minimum['reduce_scatter']:.2f}x)" if minimum['reduce_scatter']
-               else "")]
+            f"{want_s / 2**20:.1f} MiB" + (f" ({scattered / want_s:.2f}x)" if want_s else "")]
   return "\n".join(lines)
 
 

@@ -153,3 +153,27 @@ def test_saved_flash_residuals_leave_no_forward_kernel_in_the_tpu_backward():
       "kernel flash_fwd": 2, "kernel flash_dkv": 2, "kernel flash_dq": 2}
   assert backward_kernels(remat_policy="CUSTOM", names_which_can_be_saved=("flash_residuals",)) \
       == {"kernel flash_dkv": 2, "kernel flash_dq": 2}
+
+
+@needs_libtpu
+def test_one_video_on_four_chips_splits_its_tokens_and_all_reduces_no_activation():
+  """A batch of 1 on v5p-8 (fsdp 4): each sample's 128 tokens split over the four chips, which
+  gather each layer's weights and self-attention's K/V. The forward layer scan all-reduces
+  less than one activation (only text-sized partial sums): left whole, the tokens would make
+  every matmul of every layer all-reduce a (1, 128, ...) output. (At this size XLA all-reduces
+  dK/dV in the backward instead of reduce-scattering them; at the 14B's it reduce-scatters:
+  docs/performance.md.)"""
+  from benchmarks import hlo_audit
+  from configs import wan21_t2v
+  devices = capacity.topology_devices("v5p-8")
+  c = wan21_t2v.get_config("tiny")
+  c.update(attention="flash", flash_min_seq_length=0, global_batch_size=1, remat_policy="FULL",
+           height=128, width=128)
+  program = capacity.train_program(capacity.plan_config(c), devices, 95 * capacity.GIB)
+  plan = program.plan
+  assert plan.seq_len == 128 and plan.split_axes == ((), ("fsdp",))
+  minimum = hlo_audit.fsdp_minimum(plan)
+  assert minimum["token_split"] == 4 and minimum["kv_gather"] > 0
+  regions = hlo_audit.audit(program.lowered.compile().as_text(), 4, 2)["regions"]
+  activation = 2 * plan.seq_len * plan.model.dim * 4 * 3 / 4  # one (1, 128, dim) f32 all-reduced
+  assert regions["forward layer scan"].get("all-reduce", (0, 0))[1] < activation, regions

@@ -399,6 +399,21 @@ def test_plan_reports_parameter_bytes_and_replication():
   assert "per device" in p.summary() and "whole on every device" in p.summary()
 
 
+def test_summary_says_where_fsdp_splits_the_tokens():
+  """A batch smaller than data x fsdp leaves fsdp to each sample's tokens; a token count that
+  fsdp does not divide either is said too (each fsdp device then computes every token)."""
+  assert "tokens split" not in _plan(global_batch_size=8).summary()  # fsdp 8 splits the batch
+  p = _plan(global_batch_size=4)
+  assert p.split_axes == ((), ("fsdp",))
+  assert "the batch of 4 is smaller than data x fsdp: each sample's 32 tokens split over fsdp 8" \
+      in p.summary()
+  p = _plan(global_batch_size=4, height=80, width=80)  # 2 x 5 x 5 = 50 tokens
+  assert p.split_axes == ((), ())
+  assert "fsdp 8 splits neither the batch of 4 nor the 50 tokens" in p.summary()
+  p = _plan(global_batch_size=4, ici_data=2, ici_fsdp=4)
+  assert p.split_axes == (("data",), ("fsdp",))
+
+
 def test_docs_table_covers_every_field():
   doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "config.md")).read()
   documented = set(re.findall(r"^\|[^|]*\| `([a-z0-9_]+)` \|", doc, re.M))

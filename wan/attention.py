@@ -5,8 +5,9 @@
 - dot_product: plain XLA softmax attention; GSPMD shards it from the surrounding constraints.
 - flash: the Pallas kernel (kernels.flash_attention). Under a mesh it runs per device in a
   `shard_map`: batch over (data, fsdp), heads over tensor, queries over context (and over fsdp
-  when the batch is too small for it); each device gets the whole K/V (gathered if they arrive
-  sharded).
+  when the batch is too small for it). Self-attention's K/V arrive split like the queries and
+  are gathered inside (their gradients reduce-scattered); shorter K/V (text, image tokens) are
+  given whole to every device.
 - ring: context parallelism. Self-attention (K/V as long as the queries) runs
   kernels.ring_attention over the queries' sequence axes (context, and fsdp when the batch is too
   small for it), K/V travelling around the ring; shorter K/V
@@ -199,20 +200,18 @@ def _length_axes(q) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _ring_applies(q, k) -> bool:
-  """Self-attention whose sequence splits evenly over a context axis of size > 1."""
-  return CONTEXT_AXIS in _length_axes(q) and q.shape[1] == k.shape[1]
-
-
 def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segment_ids=None,
               precision=None, block_sizes=None, min_seq_length: int = 0,
-              split_head_dim: bool = True, target=None):
+              split_head_dim: bool = True, target=None, kv_split: bool = True):
   """Attention over (B, S, H, D) tensors with the implementation named by `impl` (see IMPLS).
 
   block_sizes: flash block sizes (BlockSizes, dict, tuple of (name, value) pairs or None for
   the device's tuned entry). min_seq_length: shorter query sequences use dot_product.
   split_head_dim: dot_product layout (see `dot_product`). precision: dot_product matmuls.
   target: the tuning-table key of the devices the kernels compile for (None: this process's).
+  kv_split: self-attention's K/V arrive split over the sequence like the queries
+  (attention_sharding_uniform); False: whole on every device, which flash then reads as given
+  (ring splits them anyway).
   """
   if impl not in IMPLS:
     raise ValueError(f"attention implementation {impl!r} is not one of {list(IMPLS)}")
@@ -226,10 +225,11 @@ def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segm
   flash = functools.partial(_flash_local, block_sizes=block_sizes, target=target)
   if impl == "cudnn_flash_te":
     return _per_device(_cudnn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=False)
-  if impl == "ring" and _ring_applies(q, k):
-    ring = functools.partial(_ring_local, block_sizes=block_sizes, target=target,
-                             axis_name=_length_axes(q))
-    return _per_device(ring, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=True)
+  axes = _length_axes(q)
+  if axes and k.shape[1] == q.shape[1] and (kv_split or impl == "ring"):  # a split sequence
+    split = functools.partial(_split_local, block_sizes=block_sizes, target=target,
+                              axis_name=axes, strategy="ring" if impl == "ring" else "all_gather")
+    return _per_device(split, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=True)
   return _per_device(flash, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded=False)
 
 
@@ -239,7 +239,11 @@ def _flash_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes, target)
                                  target=target)
 
 
-def _ring_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes, target, axis_name):
+def _split_local(q, k, v, q_segment_ids, kv_segment_ids, *, block_sizes, target, axis_name,
+                 strategy):
+  """The kernels on this device's queries against K/V split like them: passed around the ring,
+  or gathered here (so that the backward reduce-scatters dK/dV rather than all-reducing them
+  whole, as it would for K/V that XLA gathered before the shard_map)."""
   return kernels.ring_attention(q, k, v, axis_name=axis_name, q_segment_ids=q_segment_ids,
-                                kv_segment_ids=kv_segment_ids, block_sizes=block_sizes,
-                                target=target)
+                                kv_segment_ids=kv_segment_ids, strategy=strategy,
+                                block_sizes=block_sizes, target=target)

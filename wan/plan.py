@@ -243,15 +243,23 @@ class Plan:
             f"{f}x{h}x{w}x{c} = {self.seq_len} tokens/sample, {self.num_steps} steps"
             + self._split_summary() + self._data_summary() + self._eval_summary())
 
+  @property
+  def split_axes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(mesh axes the micro-batch splits over, mesh axes each sample's tokens split over), as
+    sharding.RULES places the activations (the largest bucket's tokens)."""
+    micro = self.global_batch // self.accumulation
+    spec = sharding.spec(("batch", "length"), (micro, self.seq_len), self.mesh_shape)
+    batch, tokens = (() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec)
+    return batch, tokens
+
   def _split_summary(self) -> str:
     """Where fsdp does not split the batch: whether it splits each sample's tokens."""
     n = self.mesh_shape["fsdp"]
     micro = self.global_batch // self.accumulation
-    spec = sharding.spec(("batch", "length"), (micro, self.seq_len), self.mesh_shape)
-    entries = [() if e is None else (e,) if isinstance(e, str) else e for e in spec]
-    if n == 1 or "fsdp" in entries[0]:
+    batch, tokens = self.split_axes
+    if n == 1 or "fsdp" in batch:
       return ""
-    if "fsdp" in entries[1]:
+    if "fsdp" in tokens:
       return (f"\nthe batch of {micro} is smaller than data x fsdp: each sample's "
               f"{self.seq_len} tokens split over fsdp {n}")
     return (f"\nfsdp {n} splits neither the batch of {micro} nor the {self.seq_len} tokens of a "

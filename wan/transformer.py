@@ -301,7 +301,7 @@ def _attend(q, k, v, opts: Options, segment_ids=None):
       q, k, v, impl=opts.attention, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
       precision=PRECISIONS[opts.precision], block_sizes=opts.flash_block_sizes,
       min_seq_length=opts.flash_min_seq_length, split_head_dim=opts.split_head_dim,
-      target=opts.kernel_target)
+      target=opts.kernel_target, kv_split=opts.attention_sharding_uniform)
 
 
 def self_attention(p, x, rope, cfg: Config, opts: Options, segment_ids=None):
