@@ -22,8 +22,9 @@ not save them; NONE keeps them), and their gradient reduce-scattered once: per d
 W x (n-1)/n received per gather and per reduce-scatter, n the fsdp x data size the weights are
 split over. Where each sample's tokens are split over t devices (a batch smaller than data x
 fsdp leaves fsdp to the tokens; context parallelism), self-attention's K/V add as many gathers
-of 2 x S x D x (t-1)/t per sample and one reduce-scatter of their gradient. `--json` writes the
-table.
+of 2 x S x D x (t-1)/t per sample and one reduce-scatter of their gradient (with ring
+attention both travel as collective-permutes instead, which the table counts with the
+gathers). `--json` writes the table.
 
 It also counts the Pallas flash kernel calls per region: a `kernel flash_fwd` row in the
 backward layer scan is the forward kernel run again for the recomputation (FULL,
