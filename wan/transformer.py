@@ -371,9 +371,36 @@ def block(p, x, ctx, cfg: Config, opts: Options, dropout_key=None):
   return sharding.constrain(x, ("batch", "length", "act_embed"))
 
 
+def _gathered(p, decls):
+  """A layer's matrices constrained whole over fsdp (their tensor-parallel split kept), as
+  they are used. Inside a rematerialised layer, the backward then multiplies by the weights it
+  gathered for its recomputation; left to XLA, the backward's own matmuls of the attention
+  projections gathered each of them once more (14B, 720p: 225 MiB per layer and device).
+  `decls`: the stacked declarations of the blocks."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+    return p
+
+  def one(x, d):
+    if isinstance(d, dict):
+      return {k: one(v, d[k]) if k in d else v for k, v in x.items()}
+    if not isinstance(x, jax.Array) or x.ndim != 2 or len(d.shape) != 3:
+      return x  # vectors (norms, biases, modulation) and quantized kernels as they are
+    spec, _ = sharding.param_spec(d.axes, d.shape, mesh)
+    entries = [() if e is None else (e,) if isinstance(e, str) else e for e in tuple(spec)[1:]]
+    whole = jax.P(*(tuple(a for a in e if a != sharding.FSDP_AXIS) or None for e in entries))
+    return jax.lax.with_sharding_constraint(x, whole)
+
+  return one(p, decls)
+
+
 def _run_blocks(blocks, x, ctx, cfg: Config, opts: Options, dropout_rng):
-  """All blocks, scanned over the stacked "layers" axis or looped, under the remat policy."""
-  body = remat.apply(lambda p, x, key: block(p, x, ctx, cfg, opts, key), opts)
+  """All blocks, scanned over the stacked "layers" axis or looped, under the remat policy
+  (which also recomputes the layer's weight gathers, `_gathered`; without remat the backward
+  would keep every layer's gathered weights, so XLA places the gathers then)."""
+  decls = declarations(cfg)["blocks"]
+  gather = (lambda p: p) if opts.remat_policy == "NONE" else (lambda p: _gathered(p, decls))
+  body = remat.apply(lambda p, x, key: block(gather(p), x, ctx, cfg, opts, key), opts)
   keys = (None if dropout_rng is None or opts.dropout == 0.0
           else jax.random.split(dropout_rng, cfg.num_layers))
   if opts.scan_layers:
