@@ -3,7 +3,6 @@ tools/golden/pipeline.py): the same tiny random roots, the same initial latents,
 
 import os
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from tests import pipeline_roots
