@@ -30,7 +30,6 @@ from wan import sharding
 
 IMPLS = ("dot_product", "flash", "cudnn_flash_te", "ring")
 PALLAS = ("flash", "ring")  # the implementations that run kernels/' Pallas kernels
-CONTEXT_AXIS = "context"
 
 
 def runs_kernel(impl: str, seq_len: int, min_seq_length: int) -> bool:
@@ -155,14 +154,6 @@ def _cudnn(q, k, v, q_segment_ids, kv_segment_ids):
                                       implementation="cudnn")
 
 
-def _manual_mesh():
-  """The context mesh when one is set and not already inside a shard_map; else None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
-    return None
-  return mesh
-
-
 def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded: bool):
   """Runs fn(q, k, v, q_seg, kv_seg) on each device's shard of the context mesh (or directly).
 
@@ -170,7 +161,7 @@ def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded: bool):
   leaves it), where they divide; K/V are sharded like the queries only when `kv_sharded`, else
   every device receives all of them.
   """
-  mesh = _manual_mesh()
+  mesh = sharding.auto_mesh()
   if mesh is None:
     return fn(q, k, v, q_segment_ids, kv_segment_ids)
   kv_axis = "length" if kv_sharded else "kv_length"
@@ -193,11 +184,10 @@ def _per_device(fn, q, k, v, q_segment_ids, kv_segment_ids, kv_sharded: bool):
 def _length_axes(q) -> tuple[str, ...]:
   """The mesh axes the queries' sequence splits over (context, and fsdp where the batch leaves
   it; sharding.RULES)."""
-  mesh = _manual_mesh()
+  mesh = sharding.auto_mesh()
   if mesh is None:
     return ()
-  entry = sharding.spec(("batch", "length", "act_heads", None), q.shape, mesh)[1]
-  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+  return sharding.axes_of(sharding.spec(("batch", "length", "act_heads", None), q.shape, mesh)[1])
 
 
 def attention(q, k, v, *, impl: str = "dot_product", q_segment_ids=None, kv_segment_ids=None,

@@ -136,7 +136,8 @@ class Checkpointer:
     none restores, the newest one's error is raised and nothing is moved."""
     errors = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      bad = damage(fs.join(self._directory, str(step)))  # before orbax: the hosts agree before its collectives
+      # Before orbax: every host reaches the same answer before its collectives start.
+      bad = damage(fs.join(self._directory, str(step)))
       if bad:
         errors.append((step, bad, CheckpointError(
             f"checkpoint at step {step} in {self._directory} cannot be restored: {bad}. "

@@ -249,8 +249,7 @@ class Plan:
     sharding.RULES places the activations (the largest bucket's tokens)."""
     micro = self.global_batch // self.accumulation
     spec = sharding.spec(("batch", "length"), (micro, self.seq_len), self.mesh_shape)
-    batch, tokens = (() if e is None else (e,) if isinstance(e, str) else tuple(e) for e in spec)
-    return batch, tokens
+    return sharding.axes_of(spec[0]), sharding.axes_of(spec[1])
 
   def _split_summary(self) -> str:
     """Where fsdp does not split the batch: whether it splits each sample's tokens."""

@@ -116,10 +116,24 @@ def param_spec(axes, shape, mesh, rules=RULES) -> tuple[jax.P, tuple[str, ...]]:
   return _to_spec(entries), tuple(left)
 
 
-def constrain(x: jax.Array, axes, rules=RULES) -> jax.Array:
-  """Sharding constraint on an activation by logical axes; a no-op outside a mesh context."""
+def auto_mesh():
+  """The mesh set around the code being traced, or None: none set, or inside a shard_map (its
+  axes manual), where sharding constraints do not apply."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+    return None
+  return mesh
+
+
+def axes_of(entry) -> tuple[str, ...]:
+  """One PartitionSpec entry (None, an axis name or a tuple of them) as a tuple of axis names."""
+  return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def constrain(x: jax.Array, axes, rules=RULES) -> jax.Array:
+  """Sharding constraint on an activation by logical axes; a no-op outside a mesh context."""
+  mesh = auto_mesh()
+  if mesh is None:
     return x
   return jax.lax.with_sharding_constraint(x, spec(axes, x.shape, mesh, rules))
 

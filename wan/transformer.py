@@ -377,8 +377,8 @@ def _gathered(p, decls):
   gathered for its recomputation; left to XLA, the backward's own matmuls of the attention
   projections gathered each of them once more (14B, 720p: 225 MiB per layer and device).
   `decls`: the stacked declarations of the blocks."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or any(t == jax.sharding.AxisType.Manual for t in mesh.axis_types):
+  mesh = sharding.auto_mesh()
+  if mesh is None:
     return p
 
   def one(x, d):
@@ -387,8 +387,8 @@ def _gathered(p, decls):
     if not isinstance(x, jax.Array) or x.ndim != 2 or len(d.shape) != 3:
       return x  # vectors (norms, biases, modulation) and quantized kernels as they are
     spec, _ = sharding.param_spec(d.axes, d.shape, mesh)
-    entries = [() if e is None else (e,) if isinstance(e, str) else e for e in tuple(spec)[1:]]
-    whole = jax.P(*(tuple(a for a in e if a != sharding.FSDP_AXIS) or None for e in entries))
+    whole = jax.P(*(tuple(a for a in sharding.axes_of(e) if a != sharding.FSDP_AXIS) or None
+                    for e in tuple(spec)[1:]))
     return jax.lax.with_sharding_constraint(x, whole)
 
   return one(p, decls)
