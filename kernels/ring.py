@@ -29,6 +29,10 @@ def _ring_perm(n):
 
 
 def _rotate(x, axis_name, n):
+  # ppermute takes several axes in the mesh's order (jax >= 0.11 refuses any other); the ring
+  # visits every shard whichever order it runs in, so the token order of `axis_name` is moot.
+  if isinstance(axis_name, (tuple, list)):
+    axis_name = tuple(a for a in jax.sharding.get_abstract_mesh().axis_names if a in axis_name)
   return jax.lax.ppermute(x, axis_name, _ring_perm(n))
 
 
