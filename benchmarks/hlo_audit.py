@@ -29,6 +29,13 @@ gathers). `--json` writes the table.
 It also counts the Pallas flash kernel calls per region: a `kernel flash_fwd` row in the
 backward layer scan is the forward kernel run again for the recomputation (FULL,
 MATMUL_WITHOUT_BATCH), which saving `flash_residuals` spares.
+
+Then XLA's cost model: the TPU compiler writes each fusion's and op's `estimated_cycles` into
+the compiled program; they are summed per region and run, by what the op does (matmul:
+a fusion holding a convolution or dot; reduction; pad/slice; copy/transpose; dynamic slicing
+of the scans' stacked arrays; elementwise and the rest), with the share of everything but the
+matmuls. The Pallas kernels have no cycles there: XLA takes their work from the cost estimate
+each pallas_call passes (kernels/flash_tpu.py), whose flops are printed beside.
 """
 
 import collections
@@ -65,6 +72,11 @@ _CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
 # A Pallas attention kernel call, by the name jax gives its pallas_call (kernels/flash.py).
 _KERNEL = re.compile(r'op_name="[^"]*/(flash_(?:fwd|dkv|dq))\b')
 _BRANCHES = re.compile(r"(?:branch_computations|called_computations)=\{([^}]*)\}")
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_KERNEL_FLOPS = re.compile(r'"cost_estimate":\{"flops":"?(\d+)')
+# Cost-model categories, in the order printed; the first is the useful work.
+COST_KINDS = ("matmul", "reduction", "pad/slice", "copy/transpose", "dynamic slicing",
+              "elementwise and other")
 
 
 def shape_bytes(shape: str) -> int:
@@ -180,6 +192,74 @@ def audit(hlo: str, devices: int, layers: int) -> dict:
   return {"regions": {r: dict(k) for r, k in table.items()}, "trips": trips}
 
 
+def _cost_kind(opcode: str, inner: set) -> str:
+  ops = inner | {opcode}
+  if ops & {"convolution", "dot"}:
+    return "matmul"
+  if ops & {"reduce", "reduce-window"}:
+    return "reduction"
+  if opcode in ("pad", "slice") or (opcode == "fusion" and inner <= {"pad", "slice", "bitcast",
+                                                                       "parameter"}):
+    return "pad/slice"
+  if opcode in MOVES or (opcode == "fusion" and inner <= {"copy", "transpose", "bitcast",
+                                                          "parameter"}):
+    return "copy/transpose"
+  if ops & {"dynamic-slice", "dynamic-update-slice"}:
+    return "dynamic slicing"
+  return "elementwise and other"
+
+
+def cost_model(hlo: str, layers: int) -> dict:
+  """XLA's estimated cycles per region and run, by COST_KINDS, and the Pallas kernels' flops
+  (their cost estimates): {"cycles": {region: {kind: cycles}}, "kernel_flops": {region:
+  flops}, "trips": {region: runs}}."""
+  comps, parents, whiles = parse(hlo)
+  inner_ops = {}
+
+  def inner(comp):
+    if comp not in inner_ops:
+      inner_ops[comp] = set()
+      for _, _, opcode, rest in comps.get(comp, ()):
+        inner_ops[comp] |= {opcode, *(o for c in _CALLED.findall(rest) for o in inner(c))}
+    return inner_ops[comp]
+
+  cycles = collections.defaultdict(lambda: collections.defaultdict(int))
+  flops = collections.defaultdict(int)
+  trips = {"rest of the step": 1}
+  for comp, instrs in comps.items():
+    body = _region(comp, parents, whiles)
+    region = "rest of the step" if body is None else _label(whiles[body][0])
+    if body is not None:
+      trips[region] = whiles[body][1] or (layers if "layer scan" in region else None)
+    for name, shape, opcode, rest in instrs:
+      if opcode == "custom-call" and (kernel := _KERNEL_FLOPS.search(rest)):
+        flops[region] += int(kernel.group(1))
+      elif est := _CYCLES.search(rest):
+        called = re.search(r"calls=%?([\w.\-]+)", rest) if opcode == "fusion" else None
+        kind = _cost_kind(opcode, inner(called.group(1)) if called else set())
+        cycles[region][kind] += int(est.group(1))
+  return {"cycles": {r: dict(k) for r, k in cycles.items()}, "kernel_flops": dict(flops),
+          "trips": trips}
+
+
+def format_cost_model(costs: dict) -> str:
+  lines = ["", "XLA's cost model (estimated cycles; Pallas kernels by their cost estimates' flops)",
+           f"{'region':<22} {'trips':>5}  {'kind':<22} {'Mcycles/trip':>12} {'share':>6}"]
+  for region, kinds in sorted(costs["cycles"].items()):
+    trips, total = costs["trips"].get(region) or 1, sum(kinds.values())
+    for kind in COST_KINDS:
+      if kinds.get(kind):
+        lines.append(f"{region:<22} {trips:>5}  {kind:<22} {kinds[kind] / 1e6:12.2f} "
+                     f"{kinds[kind] / total:6.1%}")
+    lines.append(f"{region:<22} {trips:>5}  {'not matmul':<22} "
+                 f"{(total - kinds.get('matmul', 0)) / 1e6:12.2f} "
+                 f"{1 - kinds.get('matmul', 0) / total:6.1%}")
+    if costs["kernel_flops"].get(region):
+      lines.append(f"{region:<22} {trips:>5}  {'flash kernels':<22} "
+                   f"{costs['kernel_flops'][region] / 1e12:9.2f} TFLOP")
+  return "\n".join(lines)
+
+
 def fsdp_minimum(plan) -> dict:
   """Per layer and device: the bytes of one gather of the layer's weights and of one
   reduce-scatter of its gradient, and how many gathers the remat policy needs. With each
@@ -254,10 +334,12 @@ def main(argv):
   print(f"program   {what}\ntopology  {_TOPOLOGY.value}: {len(devices)} devices, mesh "
         f"{plan.mesh_shape}\n")
   print(format_table(result, minimum))
+  costs = cost_model(hlo, plan.model.num_layers)
+  print(format_cost_model(costs))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump({"program": what, "topology": _TOPOLOGY.value, "minimum": minimum, **result},
-                f, indent=1)
+      json.dump({"program": what, "topology": _TOPOLOGY.value, "minimum": minimum, **result,
+                 "cost_model": costs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ q (B, 1, Sq), for the dK/dV kernel, so each mask is a broadcast compare with no 
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,23 @@ _PARALLEL3_ARBITRARY = ("parallel", "parallel", "parallel", "arbitrary")
 def _params(sizes):
   return pltpu.CompilerParams(dimension_semantics=_PARALLEL3_ARBITRARY,
                               vmem_limit_bytes=sizes.vmem_limit_bytes)
+
+
+def _nbytes(x) -> int:
+  return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+
+
+def _cost(q, skv, matmuls, reads, writes):
+  """The kernel's work for XLA's cost model, which otherwise sees a Pallas call as free (its
+  scheduler overlaps collectives by these numbers; benchmarks/hlo_audit.py reads them):
+  `matmuls` (Sq x Skv x D) products per head of 2 flops a term, one exponential per score,
+  and the HBM bytes of `reads` ((array, times the grid reads it)) and `writes`. Segment ids
+  are left out (4 bytes a token against D x 2 for each of q, k, v)."""
+  b, sq, h, d = q.shape
+  return pl.CostEstimate(flops=2 * matmuls * b * h * sq * skv * d,
+                         transcendentals=b * h * sq * skv,
+                         bytes_accessed=sum(_nbytes(x) * n for x, n in reads)
+                         + sum(map(_nbytes, writes)))
 
 
 def _fwd_kernel(*refs, scale, block_kv_compute, has_seg):
@@ -75,13 +93,15 @@ def fwd(q, k, v, q_seg, kv_seg, sizes, *, scale, out_dtype, interpret):
     in_specs = [pl.BlockSpec((None, bq, 1), lambda bi, hi, i, j: (bi, i, 0)),
                 pl.BlockSpec((None, 1, bkv), lambda bi, hi, i, j: (bi, 0, j))] + in_specs
     args = [q_seg[:, :, None], kv_seg[:, None, :]] + args
+  out_shape = [jax.ShapeDtypeStruct((b, sq, h * d), out_dtype),
+               jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)]
   out, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, scale=scale, block_kv_compute=bkvc, has_seg=has_seg),
       grid=(b, h, sq // bq, skv // bkv),
       in_specs=in_specs,
       out_specs=[q_spec, pl.BlockSpec((None, None, bq, 1), lambda bi, hi, i, j: (bi, hi, i, 0))],
-      out_shape=[jax.ShapeDtypeStruct((b, sq, h * d), out_dtype),
-                 jax.ShapeDtypeStruct((b, h, sq, 1), jnp.float32)],
+      out_shape=out_shape,
+      cost_estimate=_cost(q, skv, 2, [(q, 1), (k, sq // bq), (v, sq // bq)], out_shape),
       scratch_shapes=[pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32),
                       pltpu.VMEM((bq, d), jnp.float32)],
       compiler_params=_params(sizes),
@@ -165,6 +185,9 @@ def dkv(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
       in_specs=in_specs,
       out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct((b, skv, h * d), f32)] * 2,
+      cost_estimate=_cost(q, skv, 4,
+                          [(k, 1), (v, 1)] + [(x, skv // bkv) for x in (q, do, lse, di)],
+                          [jax.ShapeDtypeStruct(k.shape, f32)] * 2),
       scratch_shapes=[pltpu.VMEM((bkv, d), f32), pltpu.VMEM((bkv, d), f32)],
       compiler_params=_params(sizes),
       interpret=interpret,
@@ -196,6 +219,8 @@ def dq(q, k, v, q_seg, kv_seg, do, lse, di, sizes, *, scale, interpret):
       in_specs=in_specs,
       out_specs=q_spec,
       out_shape=jax.ShapeDtypeStruct((b, sq, h * d), f32),
+      cost_estimate=_cost(q, skv, 3, [(q, 1), (do, 1), (lse, 1), (di, 1), (k, sq // bq),
+                                      (v, sq // bq)], [jax.ShapeDtypeStruct(q.shape, f32)]),
       scratch_shapes=[pltpu.VMEM((bq, d), f32)],
       compiler_params=_params(sizes),
       interpret=interpret,

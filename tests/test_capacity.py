@@ -8,6 +8,7 @@ topology names, aliases and the HBM table are checked without it.
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -59,7 +60,15 @@ def test_the_flash_kernels_compile_for_each_tpu_generation_with_its_tuning(key):
     return kernels.flash_attention(q, k, v, target=key).astype(jnp.float32).sum()
 
   compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
-  assert compiled.as_text().count("tpu_custom_call") >= 3  # forward, dK/dV and dQ kernels
+  text = compiled.as_text()
+  assert text.count("tpu_custom_call") >= 3  # forward, dK/dV and dQ kernels
+  # Each kernel tells XLA's cost model its work: per score 2 flops a head-dim term for each of
+  # its products (forward: QK^T, PV; dK/dV: those and dP, dK; dQ: QK^T, dP, dQ).
+  flops = {m.group(1): int(m.group(2)) for m in re.finditer(
+      r'(flash_(?:fwd|dkv|dq)).*?"cost_estimate":\{"flops":"?(\d+)', text)}
+  terms = 1 * 2 * 6144 * 6144 * 128  # batch x heads x queries x keys x head dim
+  assert flops == {"flash_fwd": 2 * 2 * terms, "flash_dkv": 4 * 2 * terms,
+                   "flash_dq": 3 * 2 * terms}, flops
 
 
 @needs_libtpu
@@ -174,7 +183,13 @@ def test_one_video_on_four_chips_splits_its_tokens_and_all_reduces_no_activation
   assert plan.seq_len == 128 and plan.split_axes == ((), ("fsdp",))
   minimum = hlo_audit.fsdp_minimum(plan)
   assert minimum["token_split"] == 4 and minimum["kv_gather"] > 0
-  regions = hlo_audit.audit(program.lowered.compile().as_text(), 4, 2)["regions"]
+  hlo = program.lowered.compile().as_text()
+  regions = hlo_audit.audit(hlo, 4, 2)["regions"]
+  # XLA's cost model: each layer's matmuls and the rest in cycles, the kernels in flops.
+  costs = hlo_audit.cost_model(hlo, 2)
+  for scan in ("forward layer scan", "backward layer scan"):
+    assert costs["cycles"][scan]["matmul"] > 0 and costs["kernel_flops"][scan] > 0, costs
+    assert set(costs["cycles"][scan]) <= set(hlo_audit.COST_KINDS)
   activation = 2 * plan.seq_len * plan.model.dim * 4 * 3 / 4  # one (1, 128, dim) f32 all-reduced
   assert regions["forward layer scan"].get("all-reduce", (0, 0))[1] < activation, regions
   # The backward multiplies by the weights its recomputation gathered (transformer._gathered):

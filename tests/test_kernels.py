@@ -131,3 +131,16 @@ def test_table_entry_lowers_for_its_platform(key):
   marker = "triton" if backend == "gpu" else "tpu_custom_call"
   # forward (saved for the backward), dK/dV and dQ kernels
   assert text.count(marker) >= 3
+
+
+def test_tpu_tiles_pad_least_and_gpu_tiles_are_powers_of_two():
+  """A tile never exceeds the tuned block; on TPU it is an exact divisor of the sequence where
+  one is at least half the block (no padding copy), else the sequence's equal split."""
+  from kernels.flash import _clamp
+  assert _clamp(3072, 75776, "tpu", align=256) == 2048   # 37 tiles, nothing padded
+  assert _clamp(2048, 75776, "tpu", align=1024) == 2048
+  assert _clamp(3072, 18900, "tpu") == 2816              # 7 x 2816 = 19,712, not 21,504
+  assert _clamp(3072, 75600, "tpu") == 3072              # no 128-multiple divides 75,600
+  assert _clamp(2048, 512, "tpu", align=1024) == 512     # short text keys stay one tile
+  assert _clamp(512, 40, "tpu") == 128
+  assert _clamp(128, 6144, "gpu") == 128 and _clamp(128, 40, "gpu") == 64

@@ -303,9 +303,11 @@ def test_rope_gathered_by_position_is_the_grid_rope():
   alone_cos, alone_sin = T.rope_cos_sin(cfg, packing.positions((1, 2, 1)))
   np.testing.assert_array_equal(cos[0, 8:10], alone_cos)
   np.testing.assert_array_equal(sin[0, 8:10], alone_sin)
-  # Independent float64 check of one entry: frame part, pair 1, at frame 1.
+  # Independent float64 check of one pair: frame part, pair 1 (channels 2 and 3), at frame 1.
   part = cfg.attention_head_dim - 2 * (2 * (cfg.attention_head_dim // 6))
-  np.testing.assert_allclose(cos[0, 4, 1], np.cos(1 * 10000.0 ** (-2 / part)), rtol=1e-6)
+  angle = 1 * 10000.0 ** (-2 / part)
+  np.testing.assert_allclose(cos[0, 4, 2:4], [np.cos(angle)] * 2, rtol=1e-6)
+  np.testing.assert_allclose(sin[0, 4, 2:4], [np.sin(angle)] * 2, rtol=1e-6)
 
 
 def test_segment_mean_and_broadcast():

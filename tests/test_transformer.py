@@ -237,3 +237,17 @@ def test_presets_have_the_published_sizes():
   assert round(counts["wan2.1-t2v-14b"], 1) == 14.3
   assert round(counts["wan2.2-t2v-a14b"], 1) == 14.3  # per expert
   assert round(counts["wan2.2-ti2v-5b"], 1) == 5.0
+
+
+def test_rope_rotates_each_pair_as_float64_numpy():
+  """apply_rope (a signed pair swap as a matmul) against the rotation written out in float64."""
+  from wan.video_tokens import apply_rope
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 5, 3, 8)).astype(np.float32)
+  angle = rng.standard_normal((5, 4))
+  cos, sin = (np.repeat(f(angle), 2, -1).astype(np.float32) for f in (np.cos, np.sin))
+  x64, a = x.astype(np.float64), angle[None, :, None, :]
+  want = np.empty_like(x64)
+  want[..., 0::2] = x64[..., 0::2] * np.cos(a) - x64[..., 1::2] * np.sin(a)
+  want[..., 1::2] = x64[..., 1::2] * np.cos(a) + x64[..., 0::2] * np.sin(a)
+  np.testing.assert_allclose(apply_rope(jnp.asarray(x), cos, sin), want, atol=1e-6)

@@ -484,7 +484,7 @@ def _network(p, cfg: Config, tokens, rope, timestep, text, image, segment_ids: d
              opts: Options, dropout_rng):
   """The network on patchified tokens, the one implementation behind both entry points.
 
-  tokens: (B, S, patch_volume * in_channels); rope: cos, sin (S or B, S, head_dim // 2);
+  tokens: (B, S, patch_volume * in_channels); rope: cos, sin (S or B, S, head_dim);
   timestep: (B,) or (B, S); text: (B, L, text_dim); image: (B, N, image_dim) or None;
   segment_ids: {"self", "text", "image"} -> None or (q_ids (B, S), kv_ids (B, S | L | N)).
   Returns (B, S, patch_volume * out_channels) in the activation dtype.
