@@ -1,6 +1,7 @@
 """The Wan transformer against diffusers' WanTransformer3DModel (golden files from
 tools/golden/transformer.py), plus scan/loop, remat, dtype, sharding and FLOPs checks."""
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -189,6 +190,36 @@ def test_sharded_forward_matches_unsharded():
     out = jax.jit(lambda p, *a: T.forward(p, cfg, *a, options=HIGHEST))(
         placed, g["latents"], g["timestep"], g["text"])
   np.testing.assert_allclose(np.asarray(out), _run(p, cfg, g), rtol=1e-5, atol=1e-5)
+
+
+def test_flash_runs_on_tokens_padded_once_and_matches_dot_product():
+  """With the Pallas kernels the network pads its tokens to a multiple of 128 where each device
+  holds whole samples (masked as segment 0) and slices the output: the same flow and
+  gradients as dot_product on the unpadded sequence, on one device and on a mesh of 2."""
+  cfg, p, g = _golden("t2v")
+  seq = int(np.prod(g["latents"].shape[1:4])) // int(np.prod(cfg.patch_size))
+  flash = dataclasses.replace(HIGHEST, attention="flash", flash_min_seq_length=0)
+  assert seq % 128 and T.padded_length(1, seq, flash) == -(-seq // 128) * 128
+  assert T.padded_length(1, seq, HIGHEST) == seq  # dot_product runs the sequence as it is
+
+  def loss_and_grads(options):
+    f = lambda p: jnp.sum(jnp.sin(T.forward(p, cfg, g["latents"][:1], g["timestep"][:1],
+                                              g["text"][:1], options=options)))
+    return jax.jit(jax.value_and_grad(f))(p)
+
+  want, want_grads = loss_and_grads(HIGHEST)
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]).reshape(1, 2, 1, 1),
+                           ("data", "fsdp", "context", "tensor"),
+                           axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  with jax.set_mesh(mesh):  # a batch of 1 leaves fsdp to the tokens: each shard pads its K/V
+    assert T.padded_length(1, seq, flash) == seq
+    assert T.padded_length(2, seq, flash) == -(-seq // 128) * 128
+  for where in (None, mesh):
+    with jax.set_mesh(where) if where is not None else contextlib.nullcontext():
+      got, grads = loss_and_grads(flash)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * np.abs(b).max())
 
 
 def test_bad_inputs_say_what_is_wrong():

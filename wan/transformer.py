@@ -489,6 +489,11 @@ def _network(p, cfg: Config, tokens, rope, timestep, text, image, segment_ids: d
   segment_ids: {"self", "text", "image"} -> None or (q_ids (B, S), kv_ids (B, S | L | N)).
   Returns (B, S, patch_volume * out_channels) in the activation dtype.
   """
+  length = tokens.shape[1]
+  padded = padded_length(tokens.shape[0], length, opts)
+  if padded != length:
+    tokens, rope, timestep, segment_ids = _pad_tokens(tokens, rope, timestep, segment_ids,
+                                                      padded)
   # Patch embedding: the (pt, ph, pw, C, D) kernel read as a dense over flattened patches.
   kernel = p["patch_embed"]["kernel"].reshape(-1, cfg.dim)
   x = _dense({"kernel": kernel, "bias": p["patch_embed"]["bias"]}, tokens, opts)
@@ -517,7 +522,58 @@ def _network(p, cfg: Config, tokens, rope, timestep, text, image, segment_ids: d
   if shift.ndim == 2:
     shift, scale = shift[:, None, :], scale[:, None, :]
   x = (layers.layer_norm(x, cfg.eps) * (1 + scale) + shift).astype(opts.dtype)
-  return _dense(p["head"]["proj"], x, opts)
+  return _dense(p["head"]["proj"], x, opts)[:, :length]
+
+
+def padded_length(batch: int, length: int, opts: Options, mesh_sizes=None) -> int:
+  """The token count the network runs at: with the Pallas kernels, where each device holds
+  whole samples, a multiple of 128, so that no kernel pads q, k and v to its tiles in every
+  layer and direction (a copy of each, and a slice of each result): the patches are padded
+  once and the output sliced once. Else `length`.
+
+  Where the tokens split over devices (a batch smaller than data x fsdp, or context
+  parallelism), each device's K/V shard is padded before the gather instead
+  (kernels.ring_attention): padded here to 128 per device, the shards' matmuls came out
+  sequence-minor in the TPU compiler's layouts and cost more than the pads they spared (14B,
+  720p, batch 1 on v5p-8: +6 M cycles per layer forward; docs/performance.md).
+  mesh_sizes: {axis: size} of the mesh the tokens go on (None: the mesh set around the trace,
+  if any).
+  """
+  if opts.attention not in attention.PALLAS or not attention.runs_kernel(
+      opts.attention, length, opts.flash_min_seq_length):
+    return length
+  if mesh_sizes is None:
+    mesh = sharding.auto_mesh()
+    mesh_sizes = {} if mesh is None else sharding.axis_sizes(mesh)
+  # The axes the rules would split the tokens over, for a length that every split divides.
+  whole = 128 * math.prod(mesh_sizes.values())
+  if sharding.spec(("batch", "length"), (batch, whole), mesh_sizes)[1] is not None:
+    return length
+  return -(-length // 128) * 128
+
+
+def _pad_tokens(tokens, rope, timestep, segment_ids: dict, padded: int):
+  """The network's per-token inputs padded to `padded` tokens. Padded tokens take segment id
+  0 in self-attention, which no real token has (real tokens keep theirs, 1 where there were
+  none; packed rows give their own padding 0 already), so no real token attends to them; their
+  outputs are finite and sliced off. Padded timesteps are 0."""
+  b, length = tokens.shape[:2]
+  tail = lambda x, axis, value=0: jnp.pad(
+      x, [(0, padded - length if i == axis % x.ndim else 0) for i in range(x.ndim)],
+      constant_values=value)
+  tokens = tail(tokens, 1)
+  rope = tuple(tail(r, -2) for r in rope)
+  if timestep.ndim == 2:
+    timestep = tail(timestep, 1)
+  self_ids = segment_ids["self"]
+  if self_ids is None:
+    self_ids = (jnp.ones((b, length), jnp.int32),) * 2
+  segment_ids = dict(segment_ids, self=tuple(tail(ids, 1) for ids in self_ids))
+  for key in ("text", "image"):  # padded queries take id 0: they attend whatever matches
+    if segment_ids[key] is not None:
+      q_ids, kv_ids = segment_ids[key]
+      segment_ids[key] = (tail(q_ids, 1), kv_ids)
+  return tokens, rope, timestep, segment_ids
 
 
 def forward(params_, cfg: Config, latents, timestep, text, image=None, *, text_mask=None,
