@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from configs import wan21_t2v
-from tests import xla_env
+from tests import damage, xla_env
 from wan import checkpoint, data, guards, plan, train
 from wan.errors import CheckpointError, ConfigError, TrainingStopped
 
@@ -210,16 +210,6 @@ def test_a_checkpoint_restores_onto_another_mesh_and_continues(tmp_path):
   np.testing.assert_allclose(rest, straight[2:], rtol=1e-5)
 
 
-def _truncate(step_dir):
-  """Cuts every file of a checkpoint's array store to half its size."""
-  for root, _, files in os.walk(step_dir / "state"):
-    for name in files:
-      path = os.path.join(root, name)
-      if os.path.getsize(path) > 64:
-        with open(path, "r+b") as f:
-          f.truncate(os.path.getsize(path) // 2)
-
-
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_path, capsys):
   """Damage found by the file sizes that each completed save lists, and, in a checkpoint without
   that list (its process killed before writing it), by orbax's restore."""
@@ -229,7 +219,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_pa
   train.train(plan.make(c, _devices()), _devices())
   checkpoints = tmp_path / "run" / "wan21_t2v_tiny" / "checkpoints"
   assert sorted(os.listdir(checkpoints)) == ["2", "3", "4"]
-  _truncate(checkpoints / "4")  # the newest checkpoint
+  assert damage.truncate(checkpoints / "4" / "state")  # the newest checkpoint
   capsys.readouterr()
   c.max_train_steps = 6
   rest = train.train(plan.make(c, _devices()), _devices())
@@ -241,7 +231,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_pa
   # The two newest damaged, the newest without its sizes: back to step 4, saved again.
   assert sorted(n for n in os.listdir(checkpoints) if n.isdigit()) == ["4", "5", "6"]
   for step in ("5", "6"):
-    _truncate(checkpoints / step)
+    assert damage.truncate(checkpoints / step / "state")
   os.remove(checkpoints / "6" / checkpoint.SIZES)
   c.max_train_steps = 8
   rest = train.train(plan.make(c, _devices()), _devices())
@@ -251,7 +241,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_one_before_used(tmp_pa
   assert "checkpoint at step 5 cannot be restored (its file state/" in out
   # Every checkpoint damaged: the newest one's error, and nothing moved.
   for step in ("6", "7", "8"):
-    _truncate(checkpoints / step)
+    assert damage.truncate(checkpoints / step / "state")
   before = sorted(os.listdir(checkpoints))
   c.max_train_steps = 10
   with pytest.raises(CheckpointError, match="checkpoint at step 8 .* cannot be restored"):
