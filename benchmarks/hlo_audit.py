@@ -146,6 +146,18 @@ def _region(comp: str, parents: dict, whiles: dict) -> str | None:
   return None
 
 
+def _regions(comps, parents, whiles, layers: int):
+  """({computation: the region its instructions run in}, {region: runs per step}): the layer
+  scans run `layers` times where the compiled loop does not say."""
+  where, trips = {}, {"rest of the step": 1}
+  for comp in comps:
+    body = _region(comp, parents, whiles)
+    where[comp] = "rest of the step" if body is None else _label(whiles[body][0])
+    if body is not None:
+      trips[where[comp]] = whiles[body][1] or (layers if "layer scan" in where[comp] else None)
+  return where, trips
+
+
 def _label(op_name: str) -> str:
   if "transpose(jvp())" in op_name:
     return "backward layer scan"
@@ -161,12 +173,9 @@ def audit(hlo: str, devices: int, layers: int) -> dict:
   calls ("kernel flash_fwd", "kernel flash_dkv", "kernel flash_dq"; count only)."""
   comps, parents, whiles = parse(hlo)
   table = collections.defaultdict(lambda: collections.defaultdict(lambda: [0, 0.0]))
-  trips = {"rest of the step": 1}
+  where, trips = _regions(comps, parents, whiles, layers)
   for comp, instrs in comps.items():
-    body = _region(comp, parents, whiles)
-    region = "rest of the step" if body is None else _label(whiles[body][0])
-    if body is not None:
-      trips[region] = whiles[body][1] or (layers if "layer scan" in region else None)
+    region = where[comp]
     fused = comp.startswith("fused") or ".fused" in comp or "fusion" in comp
     for name, shape, opcode, rest in instrs:
       base = opcode.removesuffix("-start").removesuffix("-done")
@@ -225,13 +234,10 @@ def cost_model(hlo: str, layers: int) -> dict:
 
   cycles = collections.defaultdict(lambda: collections.defaultdict(int))
   flops = collections.defaultdict(int)
-  trips = {"rest of the step": 1}
+  where, trips = _regions(comps, parents, whiles, layers)
   for comp, instrs in comps.items():
-    body = _region(comp, parents, whiles)
-    region = "rest of the step" if body is None else _label(whiles[body][0])
-    if body is not None:
-      trips[region] = whiles[body][1] or (layers if "layer scan" in region else None)
-    for name, shape, opcode, rest in instrs:
+    region = where[comp]
+    for _, _, opcode, rest in instrs:
       if opcode == "custom-call" and (kernel := _KERNEL_FLOPS.search(rest)):
         flops[region] += int(kernel.group(1))
       elif est := _CYCLES.search(rest):
