@@ -128,21 +128,6 @@ def _seg_ids(q_seg, kv_seg, sq, skv, sq_pad, skv_pad, batch):
           _pad_seq(kv_seg.astype(jnp.int32), skv_pad, 1, _KV_PAD_ID))
 
 
-def pad_keys(q, k, v, q_seg, kv_seg, multiple):
-  """K/V (B, Skv, H, D) padded along the sequence to a multiple of `multiple`, the padding
-  masked by segment ids (zeros made for the queries and keys where there were none), so that
-  a shard is padded once before it is gathered or passed on, not the whole after it.
-  -> (k, v, q_seg, kv_seg)."""
-  b, skv = k.shape[:2]
-  padded = _round_up(skv, multiple)
-  if padded == skv:
-    return k, v, q_seg, kv_seg
-  if q_seg is None:
-    q_seg, kv_seg = jnp.zeros(q.shape[:2], jnp.int32), jnp.zeros((b, skv), jnp.int32)
-  kv_seg = _pad_seq(kv_seg.astype(jnp.int32), padded, 1, _KV_PAD_ID)
-  return _pad_seq(k, padded, 1), _pad_seq(v, padded, 1), q_seg, kv_seg
-
-
 def _pad_head(x, cfg):
   """Zero head columns change nothing (the scale is the unpadded D's). The TPU body reads a
   head as a lane-aligned column block, a multiple of 128 (every Wan model has D = 128); the

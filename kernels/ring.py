@@ -21,8 +21,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from kernels import tile_math
-from kernels.flash import (RESIDUALS, _flash, _pad_seq, _round_up, block_bwd, block_fwd,
-                           check_inputs, pad_keys, resolve)
+from kernels.flash import (RESIDUALS, _flash, _pad_seq, _round_up, _seg_ids, block_bwd,
+                           block_fwd, check_inputs, resolve)
 
 
 def _ring_perm(n):
@@ -118,14 +118,17 @@ def ring_attention(q, k, v, *, axis_name, q_segment_ids=None, kv_segment_ids=Non
   # Each shard pads its keys to whole 128-token tiles once, here: padded after the gather (or
   # at every hop), the whole K/V would be copied (twice per layer and direction for a 14B
   # model's 720p video on v5p-8: a fifth of the layer's cycles in XLA's cost model).
+  b, sq = q.shape[:2]
   length = k.shape[1]
   padded = _round_up(length, 128)
-  pk, pv, q_segment_ids, kv_segment_ids = pad_keys(q, k, v, q_segment_ids, kv_segment_ids, 128)
+  q_segment_ids, kv_segment_ids = _seg_ids(q_segment_ids, kv_segment_ids, sq, length, sq,
+                                           padded, b)
   if strategy == "all_gather":
     gather = lambda x: _gather_padded(x, length, padded, axis_name)
     kv_segment_ids = None if kv_segment_ids is None else jax.lax.all_gather(
         kv_segment_ids, axis_name, axis=1, tiled=True)
     return _flash(q, gather(k), gather(v), q_segment_ids, kv_segment_ids, cfg)
   if strategy == "ring":
-    return _ring(q, pk, pv, q_segment_ids, kv_segment_ids, cfg, axis_name)
+    k, v = _pad_seq(k, padded, 1), _pad_seq(v, padded, 1)
+    return _ring(q, k, v, q_segment_ids, kv_segment_ids, cfg, axis_name)
   raise ValueError(f"strategy must be 'ring' or 'all_gather', got {strategy!r}")

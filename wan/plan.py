@@ -248,8 +248,7 @@ class Plan:
     """(mesh axes the micro-batch splits over, mesh axes each sample's tokens split over), as
     sharding.RULES places the activations (the largest bucket's tokens)."""
     micro = self.global_batch // self.accumulation
-    length = transformer.padded_length(micro, self.seq_len, self.options, self.mesh_shape)
-    spec = sharding.spec(("batch", "length"), (micro, length), self.mesh_shape)
+    spec = sharding.spec(("batch", "length"), (micro, self.seq_len), self.mesh_shape)
     return sharding.axes_of(spec[0]), sharding.axes_of(spec[1])
 
   def _split_summary(self) -> str:

@@ -525,7 +525,7 @@ def _network(p, cfg: Config, tokens, rope, timestep, text, image, segment_ids: d
   return _dense(p["head"]["proj"], x, opts)[:, :length]
 
 
-def padded_length(batch: int, length: int, opts: Options, mesh_sizes=None) -> int:
+def padded_length(batch: int, length: int, opts: Options) -> int:
   """The token count the network runs at: with the Pallas kernels, where each device holds
   whole samples, a multiple of 128, so that no kernel pads q, k and v to its tiles in every
   layer and direction (a copy of each, and a slice of each result): the patches are padded
@@ -536,18 +536,14 @@ def padded_length(batch: int, length: int, opts: Options, mesh_sizes=None) -> in
   (kernels.ring_attention): padded here to 128 per device, the shards' matmuls came out
   sequence-minor in the TPU compiler's layouts and cost more than the pads they spared (14B,
   720p, batch 1 on v5p-8: +6 M cycles per layer forward; docs/performance.md).
-  mesh_sizes: {axis: size} of the mesh the tokens go on (None: the mesh set around the trace,
-  if any).
   """
   if opts.attention not in attention.PALLAS or not attention.runs_kernel(
       opts.attention, length, opts.flash_min_seq_length):
     return length
-  if mesh_sizes is None:
-    mesh = sharding.auto_mesh()
-    mesh_sizes = {} if mesh is None else sharding.axis_sizes(mesh)
-  # The axes the rules would split the tokens over, for a length that every split divides.
-  whole = 128 * math.prod(mesh_sizes.values())
-  if sharding.spec(("batch", "length"), (batch, whole), mesh_sizes)[1] is not None:
+  mesh = sharding.auto_mesh()
+  sizes = {} if mesh is None else sharding.axis_sizes(mesh)
+  # Whether the rules split the tokens at all, asked of a length that every split divides.
+  if sharding.spec(("batch", "length"), (batch, math.prod(sizes.values())), sizes)[1]:
     return length
   return -(-length // 128) * 128
 
@@ -558,9 +554,8 @@ def _pad_tokens(tokens, rope, timestep, segment_ids: dict, padded: int):
   none; packed rows give their own padding 0 already), so no real token attends to them; their
   outputs are finite and sliced off. Padded timesteps are 0."""
   b, length = tokens.shape[:2]
-  tail = lambda x, axis, value=0: jnp.pad(
-      x, [(0, padded - length if i == axis % x.ndim else 0) for i in range(x.ndim)],
-      constant_values=value)
+  tail = lambda x, axis: jnp.pad(
+      x, [(0, padded - length if i == axis % x.ndim else 0) for i in range(x.ndim)])
   tokens = tail(tokens, 1)
   rope = tuple(tail(r, -2) for r in rope)
   if timestep.ndim == 2:
